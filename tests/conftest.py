@@ -1,0 +1,64 @@
+"""Shared test helpers: the golden vectors (copied from the reference run, see tests/golden/README.md)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+GOLDEN = Path(__file__).parent / "golden" / "lens-tiny"
+
+torch.set_num_threads(2)  # the goldens were generated with 2 threads
+
+
+class Golden:
+    """One golden file pair: `tensors` (name -> tensor) and `meta` (the JSON next to it)."""
+
+    def __init__(self, tensors_file: Path, meta_file: Path):
+        # clone: tensors straight from a memory-mapped file can take other BLAS paths (README, tolerances)
+        self.tensors = {k: v.clone() for k, v in load_file(tensors_file).items()}
+        self.meta = json.loads(meta_file.read_text())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def get(self, key: str):
+        return self.tensors.get(key)
+
+    def layers(self, prefix: str) -> list[torch.Tensor]:
+        """The list stored as prefix.0, prefix.1, ..."""
+        out, i = [], 0
+        while f"{prefix}.{i}" in self.tensors:
+            out.append(self.tensors[f"{prefix}.{i}"])
+            i += 1
+        return out
+
+
+@pytest.fixture(scope="session")
+def golden_transformer() -> Golden:
+    return Golden(GOLDEN / "transformer" / "cases.safetensors", GOLDEN / "transformer" / "cases.json")
+
+
+@pytest.fixture(scope="session")
+def golden_pipeline() -> Golden:
+    return Golden(GOLDEN / "pipeline" / "expected.safetensors", GOLDEN / "pipeline" / "expected.json")
+
+
+@pytest.fixture(scope="session")
+def golden_training() -> Golden:
+    return Golden(GOLDEN / "training" / "training.safetensors", GOLDEN / "training" / "training.json")
+
+
+@pytest.fixture(scope="session")
+def golden_lora() -> Golden:
+    return Golden(GOLDEN / "lora" / "expected.safetensors", GOLDEN / "lora" / "expected.json")
+
+
+@pytest.fixture
+def golden_model():
+    from lens_tune.model.transformer import LensTransformer2DModel
+
+    return LensTransformer2DModel.from_pretrained(GOLDEN / "transformer")
