@@ -61,7 +61,7 @@ def check_image_size(height: int, width: int) -> None:
 
 def pixels_from_image(image: Image.Image) -> torch.Tensor:
     """A PIL image -> float32 (1, 3, H, W) in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    array = np.array(image.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255 * 2 - 1
 
 

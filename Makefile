@@ -1,0 +1,29 @@
+# Two entry points: `make demo` and `make test`. Both build .venv from nothing when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo clean
+
+# torch is installed first with its exact pin: that resolves to the CPU wheel on CPU-only machines and to the
+# normal wheel on GPU machines; installing the rest first would drag in a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/lens-tune sample --model tiny --prompt "a photo of a red cube on a wooden table" \
+		--seed 0 --steps 8 --num-images 4 --out outputs/demo
+	@echo "Demo images (built-in tiny random model, so expect coloured noise) are in outputs/demo/"
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

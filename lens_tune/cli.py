@@ -1,0 +1,162 @@
+"""The `lens-tune` command: one thin subcommand per verb. Logic lives in the layers; this file parses and reports.
+
+User mistakes (LensTuneError, bad arguments) print one line and a hint and exit with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lens_tune.errors import LensTuneError
+
+MAX_STEPS = 1000
+MAX_IMAGES = 64
+
+
+class UsageError(LensTuneError):
+    """A command-line argument is out of range."""
+
+
+def _positive_multiple_of_16(text: str) -> int:
+    value = int(text)
+    if value <= 0 or value % 16:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive multiple of 16 (Lens works on 16-pixel tokens)")
+    return value
+
+
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lens-tune",
+        description="LoRA/DreamBooth fine-tuning for Microsoft's Lens text-to-image model.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs and full tracebacks")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sample = commands.add_parser(
+        "sample",
+        help="generate images with Lens (optionally with a LoRA adapter)",
+        description="Generate images and write them as PNGs with their settings in the PNG metadata.",
+    )
+    sample.add_argument(
+        "--model",
+        required=True,
+        help="a local pipeline folder, a Hub repo id (owner/name), or 'tiny' for the built-in tiny random model",
+    )
+    sample.add_argument("--revision", help="Hub branch, tag or commit of --model")
+    sample.add_argument("--prompt", required=True, help="what to draw")
+    sample.add_argument("--negative", default="", help="negative prompt (default: none)")
+    sample.add_argument("--adapter", type=Path, help="a LoRA adapter file or folder (diffusers/PEFT format)")
+    sample.add_argument("--adapter-scale", type=float, default=1.0, help="strength of --adapter (default 1.0)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default 0); image i uses the same generator")
+    sample.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=20, help="sampling steps (default 20)")
+    sample.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
+    sample.add_argument("--width", type=_positive_multiple_of_16, help="image width, multiple of 16 (default 1024; 128 for tiny)")
+    sample.add_argument("--height", type=_positive_multiple_of_16, help="image height, multiple of 16 (default 1024; 128 for tiny)")
+    sample.add_argument("--num-images", type=_int_in(1, MAX_IMAGES), default=1, help="images to generate (default 1)")
+    sample.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    sample.add_argument("--dtype", choices=["bf16", "fp32"], help="weights dtype (default: bf16 on GPU, fp32 on CPU)")
+    sample.add_argument("--cpu-offload", action="store_true", help="keep only the running component on the GPU (16 GB cards)")
+    sample.add_argument("--out", type=Path, required=True, help="folder to write the PNGs to")
+    sample.set_defaults(handler=run_sample)
+    return parser
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    import torch
+    from PIL.PngImagePlugin import PngInfo
+
+    from lens_tune import LensPipeline, __version__
+    from lens_tune.model.tiny import tiny_pipeline_dir
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device} was asked for, but no CUDA GPU is visible. Use --device cpu.")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    tiny = args.model == "tiny"
+    width = args.width or (128 if tiny else 1024)
+    height = args.height or (128 if tiny else 1024)
+
+    source = tiny_pipeline_dir() if tiny else args.model
+    print(f"Loading {args.model} ({str(dtype).removeprefix('torch.')}, {device}) ...", file=sys.stderr)
+    load_device = "cpu" if args.cpu_offload else device
+    pipe = LensPipeline.from_pretrained(source, torch_dtype=dtype, revision=args.revision, device=load_device)
+    if args.cpu_offload:
+        pipe.enable_model_cpu_offload(device=device)
+    if args.adapter:
+        pipe.load_lora_weights(args.adapter, adapter_name="adapter", scale=args.adapter_scale)
+
+    generator = torch.Generator("cpu").manual_seed(args.seed)  # CPU noise: same images on every device
+    images = pipe(
+        args.prompt,
+        negative_prompt=args.negative,
+        height=height,
+        width=width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        num_images_per_prompt=args.num_images,
+        generator=generator,
+    ).images
+
+    settings = {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative,
+        "model": args.model,
+        "revision": args.revision,
+        "adapter": args.adapter.name if args.adapter else None,
+        "adapter_scale": args.adapter_scale if args.adapter else None,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance_scale": args.guidance,
+        "width": width,
+        "height": height,
+        "dtype": str(dtype).removeprefix("torch."),
+        "generator": "torch.Generator('cpu').manual_seed(seed)",
+        "lens_tune_version": __version__,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, image in enumerate(images):
+        info = PngInfo()
+        info.add_text("lens-tune", json.dumps(dict(settings, index=index)))
+        path = args.out / f"seed{args.seed}-{index:02d}.png"
+        image.save(path, pnginfo=info)
+        written.append(path)
+    print(f"Wrote {len(written)} image(s) to {args.out.resolve()}:")
+    for path in written:
+        print(f"  {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.handler(args)
+    except (LensTuneError, ValueError) as err:
+        if args.verbose:
+            raise
+        print(f"lens-tune {args.command}: error: {err}", file=sys.stderr)
+        print("  (run with --verbose for details)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"lens-tune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
