@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test test-gpu demo clean
 
 # torch is installed first with its exact pin: that resolves to the CPU wheel on CPU-only machines and to the
 # normal wheel on GPU machines; installing the rest first would drag in a multi-GB CUDA build.
@@ -27,3 +27,7 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
+
+# GPU checks of the core (tests/gpu); needs a CUDA machine.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -s -o addopts="" tests/gpu

@@ -144,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # bitsandbytes warns on import about optional CPU kernels that lens-tune does not use
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         args.handler(args)
-    except (LensTuneError, ValueError) as err:
+    except (LensTuneError, ValueError, OSError) as err:
         if args.verbose:
             raise
         print(f"lens-tune {args.command}: error: {err}", file=sys.stderr)

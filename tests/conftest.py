@@ -62,3 +62,17 @@ def golden_model():
     from lens_tune.model.transformer import LensTransformer2DModel
 
     return LensTransformer2DModel.from_pretrained(GOLDEN / "transformer")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_cache(tmp_path_factory):
+    """The built-in tiny model is built into a cache folder; tests use a fresh one, never the user's."""
+    import os
+
+    previous = os.environ.get("LENS_TUNE_CACHE")
+    os.environ["LENS_TUNE_CACHE"] = str(tmp_path_factory.mktemp("lens-tune-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("LENS_TUNE_CACHE", None)
+    else:
+        os.environ["LENS_TUNE_CACHE"] = previous

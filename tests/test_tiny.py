@@ -164,6 +164,9 @@ def test_tokenizer_round_trip_and_coverage(components):
         assert "[UNK]" not in pieces, (prompt, pieces)
         assert len(pieces) == len(prompt.split()), (prompt, pieces)  # every word is one token
     assert tok.unk_token_id not in tok("a zebra made of xylophones, 3 qux")["input_ids"]  # unseen words split
+    # training ran to completion: every word of the built-in corpus is a single token
+    split = [w for w in tiny._corpus_words() if len(tok.tokenize(w)) != 1]
+    assert not split, split[:10]
 
 
 def test_lens_chat_rendering(components):
@@ -176,7 +179,8 @@ def test_lens_chat_rendering(components):
         "<|start|>system<|message|>",
         "<|start|>developer<|message|># Instructions\n\nDescribe the image",
         "<|start|>user<|message|>a red cube<|end|>",
-        "<|start|>assistant<|channel|>analysis<|message|>Need to generate one image according to the description.<|end|>",
+        "<|start|>assistant<|channel|>analysis<|message|>"
+        "Need to generate one image according to the description.<|end|>",
         FINAL_HEADER,
     ]
     positions = [rendered.index(part) for part in order]
@@ -297,7 +301,10 @@ def test_saved_components_reload_identically(saved_pipeline, components):
     plain = GptOssForCausalLM.from_pretrained(saved_pipeline / "text_encoder")  # plain GPT-OSS weights
     _assert_same_state(_state(components["text_encoder"]), _state(plain), "text_encoder (plain GPT-OSS)")
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(saved_pipeline / "scheduler")
-    assert dict(scheduler.config) == dict(components["scheduler"].config)
+    def public(config):
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    assert public(scheduler.config) == public(components["scheduler"].config)
 
     tokenizer = AutoTokenizer.from_pretrained(saved_pipeline / "tokenizer")
     original = components["tokenizer"]

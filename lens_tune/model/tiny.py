@@ -265,7 +265,9 @@ def _corpus_lines() -> list[str]:
 def _new_wordpiece(vocab: dict[str, int] | None = None):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    model = models.WordPiece(vocab=vocab, unk_token=UNK_TOKEN, continuing_subword_prefix="##", max_input_chars_per_word=100)
+    model = models.WordPiece(
+        vocab=vocab, unk_token=UNK_TOKEN, continuing_subword_prefix="##", max_input_chars_per_word=100
+    )
     tok = Tokenizer(model)
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -288,7 +290,7 @@ def _train_tokenizer_json() -> str:
     chars = sorted({c for line in lines for word in line.lower().split() for c in word})
     pinned = [UNK_TOKEN, *HARMONY_SPECIAL_TOKENS, *("##" + c for c in chars)]
     trainer = trainers.WordPieceTrainer(
-        vocab_size=2 * TINY_VOCAB_SIZE,  # an upper bound only: training ends when every corpus word is one token
+        vocab_size=4096,  # an upper bound only: training ends earlier, when every corpus word is one token
         min_frequency=1,
         special_tokens=pinned,
         continuing_subword_prefix="##",
