@@ -151,3 +151,59 @@ def test_missing_shard_and_missing_weights(tmp_path, golden_model):
     shutil.copy(SOURCE / "config.json", empty)
     with pytest.raises(ModelLoadError, match="No diffusion_pytorch_model.safetensors"):
         LensTransformer2DModel.from_pretrained(empty)
+
+
+def copy_without(source, target, file_name, drop_key):
+    """Copy a component folder, removing one tensor from one of its safetensors files."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(source, target)
+    tensors = load_file(str(source / file_name))
+    tensors.pop(drop_key)
+    save_file(tensors, str(target / file_name))
+    return target
+
+
+def test_vae_and_text_encoder_are_loaded_strictly_too(tmp_path):
+    from lens_tune.model.latents import load_vae
+    from lens_tune.model.text_encoder import load_text_encoder
+
+    pipeline = GOLDEN / "pipeline"
+    vae = copy_without(pipeline / "vae", tmp_path / "vae", "diffusion_pytorch_model.safetensors", "decoder.conv_out.weight")
+    with pytest.raises(ModelLoadError, match=r"1 missing key\(s\), first: decoder.conv_out.weight \[3, 16, 3, 3\]"):
+        load_vae(vae)
+    text = copy_without(pipeline / "text_encoder", tmp_path / "te", "model.safetensors", "model.layers.3.mlp.router.weight")
+    with pytest.raises(ModelLoadError, match="do not match its config.json: 1 missing keys, first: model.layers.3.mlp.router.weight"):
+        load_text_encoder(text, dtype=torch.float32)
+    pickled = tmp_path / "te_pickle"
+    pickled.mkdir()
+    shutil.copy(pipeline / "text_encoder" / "config.json", pickled)
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(ModelLoadError, match="Could not load the text encoder weights"):
+        load_text_encoder(pickled, dtype=torch.float32)
+
+
+def test_hub_repo_ids_are_fetched_through_the_hub_cache(monkeypatch):
+    import huggingface_hub
+
+    from lens_tune import LensPipeline
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        return str(GOLDEN / "pipeline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    pipe = LensPipeline.from_pretrained("some-mirror/Lens", revision="v1", text_encoder=None, tokenizer=None)
+    assert isinstance(pipe.transformer, LensTransformer2DModel)
+    assert calls == [("some-mirror/Lens", "v1", None)]
+    LensTransformer2DModel.from_pretrained("some-mirror/Lens", subfolder="transformer", revision="main")
+    assert calls[-1] == ("some-mirror/Lens", "main", ["transformer/*", "model_index.json"])
+
+    def offline(*args, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ModelLoadError, match="Could not fetch 'some-mirror/Lens' from the Hugging Face Hub"):
+        LensPipeline.from_pretrained("some-mirror/Lens")

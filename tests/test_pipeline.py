@@ -133,3 +133,21 @@ def test_encode_prompt_matches_reference(pipe, golden_pipeline, case):
     for got, want in zip(pos + neg, golden_pipeline.layers(f"encode/{case}/prompt_embeds") + golden_pipeline.layers(f"encode/{case}/negative_prompt_embeds")):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-3, rtol=0)  # padded positions too: later blocks see them
+
+
+def test_pipeline_from_separate_components_in_the_real_layout(tmp_path):
+    from lens_tune.model.tiny import build_tiny_components, save_tiny_pipeline
+
+    components = build_tiny_components(seed=3)
+    direct = LensPipeline(**components)
+    direct.set_progress_bar_config(disable=True)
+    folder = save_tiny_pipeline(tmp_path / "tiny", seed=3)
+    index = (folder / "model_index.json").read_text()
+    assert '"LensGptOssEncoder"' in index and '"transformers"' in index  # the real Lens layout
+    loaded = LensPipeline.from_pretrained(folder)
+    loaded.set_progress_bar_config(disable=True)
+    assert direct.txt_offset == loaded.txt_offset == 89  # measured from the tiny tokenizer (97 for the real one)
+    args = dict(prompt="a red cube", height=32, width=32, num_inference_steps=2, output_type="latent")
+    a = direct(**args, generator=torch.Generator().manual_seed(0)).images
+    b = loaded(**args, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(a, b)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lens_tune.model import tiny
+from lens_tune.model.pipeline import LENS_MODEL_INDEX
 from lens_tune.model.text_encoder import LensGptOssEncoder, chat_prefix_length, render_lens_chat
 from lens_tune.model.transformer import LensTransformer2DModel
 
@@ -261,7 +262,7 @@ def test_forward_pass_through_every_component(components):
 def test_saved_layout(saved_pipeline):
     index = json.loads((saved_pipeline / "model_index.json").read_text())
     assert index["_class_name"] == "LensPipeline"
-    for name, entry in tiny.MODEL_INDEX_COMPONENTS.items():
+    for name, entry in LENS_MODEL_INDEX.items():
         assert index[name] == entry
         assert (saved_pipeline / name).is_dir()
     assert index["text_encoder"] == ["transformers", "LensGptOssEncoder"]

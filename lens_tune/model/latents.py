@@ -7,11 +7,29 @@ the grid out as tokens (token index row*w + col). One image pixel grid of H x W 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
 
+from lens_tune.model import loading
+
 VAE_SCALE_FACTOR = 16  # pixels per token side: 8 (VAE) x 2 (patch)
+
+
+def load_vae(source: str | Path, subfolder: str | None = None, revision: str | None = None, device="cpu"):
+    """The FLUX.2 VAE from a diffusers-layout folder or Hub repo, checked strictly (see lens_tune.model.loading).
+
+    Always float32: the VAE is small and its config asks for upcasting.
+    """
+    from diffusers import AutoencoderKLFlux2
+
+    folder = loading.resolve_folder(source, subfolder, revision)
+    model = loading.build_on_meta(AutoencoderKLFlux2, loading.read_config(folder), str(folder))
+    state_dict = loading.read_safetensors(loading.safetensors_files(folder), device)
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    return loading.load_weights_into(model, state_dict, str(folder), "Is config.json from the same VAE as the weights?")
 
 
 def patchify(z: torch.Tensor) -> torch.Tensor:

@@ -158,7 +158,7 @@ def build_on_meta(model_cls, config: Mapping, source: str):
     kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
     ignored = sorted(set(kwargs) - init_keys)
     if ignored:
-        logger.warning("%s: ignoring unknown config keys %s", source, ", ".join(ignored))
+        logger.info("%s: ignoring config keys the class does not take: %s", source, ", ".join(ignored))
     try:
         with torch.device("meta"):
             return model_cls(**{k: v for k, v in kwargs.items() if k in init_keys})

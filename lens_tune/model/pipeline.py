@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from lens_tune.errors import ModelLoadError
 from lens_tune.model import loading
 from lens_tune.model.flow_matching import compute_empirical_mu, guided_velocity, inference_sigmas
-from lens_tune.model.latents import VAE_SCALE_FACTOR, check_image_size, decode_tokens, pixels_to_pil
+from lens_tune.model.latents import VAE_SCALE_FACTOR, check_image_size, decode_tokens, load_vae, pixels_to_pil
 from lens_tune.model.text_encoder import (
     LensGptOssEncoder,
     chat_prefix_length,
@@ -32,6 +32,14 @@ from lens_tune.model.text_encoder import (
 from lens_tune.model.transformer import LensTransformer2DModel
 
 LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+# model_index.json entries of the real Lens repos; save_pretrained writes these so other Lens loaders read our folders
+LENS_MODEL_INDEX: dict[str, list[str]] = {
+    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "LensGptOssEncoder"],
+    "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+    "transformer": ["diffusers", "LensTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderKLFlux2"],
+}
 
 
 @dataclass
@@ -119,7 +127,7 @@ class LensPipeline(DiffusionPipeline):
         if "transformer" not in components:
             components["transformer"] = LensTransformer2DModel.from_pretrained(sub("transformer"), torch_dtype=torch_dtype, device=device)
         if "vae" not in components:
-            components["vae"] = AutoencoderKLFlux2.from_pretrained(sub("vae"), use_safetensors=True).to(device)
+            components["vae"] = load_vae(sub("vae"), device=device)
         if "scheduler" not in components:
             components["scheduler"] = FlowMatchEulerDiscreteScheduler.from_pretrained(sub("scheduler"))
         if "tokenizer" not in components:
@@ -131,6 +139,14 @@ class LensPipeline(DiffusionPipeline):
                 else None
             )
         return cls(**components)
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """Write the pipeline folder (safetensors only) with the real Lens model_index.json entries."""
+        super().save_pretrained(save_directory, safe_serialization=True, **kwargs)
+        index_path = Path(save_directory) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index.update({name: entry for name, entry in LENS_MODEL_INDEX.items() if index.get(name, [None])[0] is not None})
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     # ------------------------------------------------------------------------------------------------------------
     # LoRA adapters (diffusers/PEFT format)

@@ -457,16 +457,24 @@ def load_text_encoder(
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:
-        model = LensGptOssEncoder.from_pretrained(
+        model, info = LensGptOssEncoder.from_pretrained(
             folder,
             config=config,
             dtype=dtype,
             device_map=str(torch.device(device)),
             use_safetensors=True,
+            output_loading_info=True,
             **kwargs,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not load the text encoder weights from {folder}: {exc}") from exc
+    # transformers only warns about these and fills the gaps with random weights; a text encoder must be complete.
+    problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        detail = "; ".join(
+            f"{len(keys)} {kind.replace('_', ' ')}, first: {', '.join(map(str, keys[:5]))}" for kind, keys in problems.items() if keys
+        )
+        raise ModelLoadError(f"Text encoder weights in {folder} do not match its config.json: {detail}.")
     model.eval()
     model.requires_grad_(False)  # Lens never trains the text encoder
     return model

@@ -178,13 +178,6 @@ TINY_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 # model_index.json of the real Lens repository (component -> [library, class]).
-MODEL_INDEX_COMPONENTS: dict[str, list[str]] = {
-    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "LensGptOssEncoder"],
-    "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-    "transformer": ["diffusers", "LensTransformer2DModel"],
-    "vae": ["diffusers", "AutoencoderKLFlux2"],
-}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -441,20 +434,10 @@ def save_tiny_pipeline(folder: str | os.PathLike, seed: int = 0) -> Path:
     Layout: ``model_index.json`` plus ``transformer/``, ``vae/``, ``text_encoder/``, ``tokenizer/``,
     ``scheduler/``, each written by the component's own ``save_pretrained``.
     """
-    import diffusers
+    from lens_tune.model.pipeline import LensPipeline
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    components = build_tiny_components(seed)
-    components["transformer"].save_pretrained(folder / "transformer", safe_serialization=True)
-    components["vae"].save_pretrained(folder / "vae", safe_serialization=True)
-    components["text_encoder"].save_pretrained(folder / "text_encoder")
-    components["tokenizer"].save_pretrained(folder / "tokenizer")
-    components["scheduler"].save_pretrained(folder / "scheduler")
-
-    model_index = {"_class_name": "LensPipeline", "_diffusers_version": diffusers.__version__}
-    model_index.update(copy.deepcopy(MODEL_INDEX_COMPONENTS))
-    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+    LensPipeline(**build_tiny_components(seed)).save_pretrained(folder)
     return folder
 
 
