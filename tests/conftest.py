@@ -28,6 +28,16 @@ class Golden:
     def get(self, key: str):
         return self.tensors.get(key)
 
+    def model_inputs(self, prefix: str, img_shapes) -> dict:
+        """Keyword arguments of a transformer forward stored under `prefix/` (the mask may be absent: None)."""
+        return dict(
+            hidden_states=self[f"{prefix}/hidden_states"],
+            encoder_hidden_states=self.layers(f"{prefix}/encoder_hidden_states"),
+            encoder_hidden_states_mask=self.get(f"{prefix}/encoder_hidden_states_mask"),
+            timestep=self[f"{prefix}/timestep"],
+            img_shapes=img_shapes,
+        )
+
     def layers(self, prefix: str) -> list[torch.Tensor]:
         """The list stored as prefix.0, prefix.1, ..."""
         out, i = [], 0
@@ -37,24 +47,28 @@ class Golden:
         return out
 
 
+def load_golden(part: str, stem: str) -> Golden:
+    return Golden(GOLDEN / part / f"{stem}.safetensors", GOLDEN / part / f"{stem}.json")
+
+
 @pytest.fixture(scope="session")
 def golden_transformer() -> Golden:
-    return Golden(GOLDEN / "transformer" / "cases.safetensors", GOLDEN / "transformer" / "cases.json")
+    return load_golden("transformer", "cases")
 
 
 @pytest.fixture(scope="session")
 def golden_pipeline() -> Golden:
-    return Golden(GOLDEN / "pipeline" / "expected.safetensors", GOLDEN / "pipeline" / "expected.json")
+    return load_golden("pipeline", "expected")
 
 
 @pytest.fixture(scope="session")
 def golden_training() -> Golden:
-    return Golden(GOLDEN / "training" / "training.safetensors", GOLDEN / "training" / "training.json")
+    return load_golden("training", "training")
 
 
 @pytest.fixture(scope="session")
 def golden_lora() -> Golden:
-    return Golden(GOLDEN / "lora" / "expected.safetensors", GOLDEN / "lora" / "expected.json")
+    return load_golden("lora", "expected")
 
 
 @pytest.fixture

@@ -98,13 +98,7 @@ def test_from_pretrained_errors(tmp_path):
 
 def test_load_lora_weights_matches_reference_and_stacks(golden_lora):
     pipe = LensPipeline.from_pretrained(GOLDEN / "pipeline", text_encoder=None, tokenizer=None)
-    inputs = dict(
-        hidden_states=golden_lora["inputs/hidden_states"],
-        encoder_hidden_states=golden_lora.layers("inputs/encoder_hidden_states"),
-        encoder_hidden_states_mask=golden_lora["inputs/encoder_hidden_states_mask"],
-        timestep=golden_lora["inputs/timestep"],
-        img_shapes=golden_lora.meta["img_shapes"],
-    )
+    inputs = golden_lora.model_inputs("inputs", golden_lora.meta["img_shapes"])
     run = lambda: pipe.transformer(**inputs).sample
     with torch.no_grad():
         pipe.load_lora_weights(GOLDEN / "lora", adapter_name="a", scale=0.5)

@@ -15,14 +15,7 @@ ATOL = 1e-4  # golden README: fp32 re-implementation tolerance
 def run_case(model, golden, name, **kwargs):
     case = next(c for c in golden.meta["cases"] if c["name"] == name)
     with torch.no_grad():
-        return model(
-            golden[f"{name}/hidden_states"],
-            encoder_hidden_states=golden.layers(f"{name}/encoder_hidden_states"),
-            encoder_hidden_states_mask=golden.get(f"{name}/encoder_hidden_states_mask"),
-            timestep=golden[f"{name}/timestep"],
-            img_shapes=case["img_shapes"],
-            **kwargs,
-        ).sample
+        return model(**golden.model_inputs(name, case["img_shapes"]), **kwargs).sample
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -159,13 +152,7 @@ def test_lora_scales_match_reference(golden_model, golden_lora):
     from tests.conftest import GOLDEN
 
     golden_model.load_lora_adapter(str(GOLDEN / "lora"), weight_name="adapter_model.safetensors", prefix=None)
-    inputs = dict(
-        hidden_states=golden_lora["inputs/hidden_states"],
-        encoder_hidden_states=golden_lora.layers("inputs/encoder_hidden_states"),
-        encoder_hidden_states_mask=golden_lora["inputs/encoder_hidden_states_mask"],
-        timestep=golden_lora["inputs/timestep"],
-        img_shapes=golden_lora.meta["img_shapes"],
-    )
+    inputs = golden_lora.model_inputs("inputs", golden_lora.meta["img_shapes"])
     with torch.no_grad():
         for scale in (1.0, 0.5):
             out = golden_model(**inputs, attention_kwargs={"scale": scale}).sample

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lens_tune import LensPipeline, LensTransformer2DModel
-from tests.conftest import GOLDEN, Golden
+from tests.conftest import GOLDEN, load_golden
 
 if not torch.cuda.is_available():  # collected only by `make test-gpu`, which is for GPU machines
     pytest.exit("tests/gpu needs a CUDA GPU", returncode=1)
@@ -25,7 +25,7 @@ torch.backends.cudnn.allow_tf32 = False
 
 @pytest.fixture(scope="module")
 def golden():
-    return Golden(GOLDEN / "transformer" / "cases.safetensors", GOLDEN / "transformer" / "cases.json")
+    return load_golden("transformer", "cases")
 
 
 def forward(model, golden, name, device, dtype=torch.float32):
@@ -63,7 +63,7 @@ def test_bf16_and_device_round_trip(golden):
 
 
 def test_pipeline_golden_call_on_cuda_and_with_cpu_offload():
-    expected = Golden(GOLDEN / "pipeline" / "expected.safetensors", GOLDEN / "pipeline" / "expected.json")
+    expected = load_golden("pipeline", "expected")
     call = next(c for c in expected.meta["calls"] if c["name"] == "batch2_negprompt")
     args = {k: v for k, v in call["call_args"].items() if k not in ("generator", "output_type")}
     latents = expected["call/batch2_negprompt/initial_latents"]
