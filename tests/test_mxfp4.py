@@ -304,3 +304,18 @@ def test_loads_dequantised_bf16(mxfp4_folder):
     with torch.no_grad():
         out = model.encode_layers(ids, None, [1])[0]
     assert out.shape == (1, 10, HIDDEN) and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_malformed_mxfp4_checkpoint_is_a_clear_error(mxfp4_folder, tmp_path):
+    import shutil
+
+    from lens_tune.errors import ModelLoadError
+
+    folder, tensors, _ = mxfp4_folder
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    key = "model.layers.0.mlp.experts.down_proj_blocks"
+    damaged = dict(tensors, **{key: tensors[key][:, :, :1].contiguous()})  # blocks cut short
+    save_file(damaged, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="Could not load the text encoder weights"):
+        load_text_encoder(broken, dtype=torch.float32, device="cpu")

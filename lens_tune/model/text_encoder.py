@@ -466,7 +466,7 @@ def load_text_encoder(
             output_loading_info=True,
             **kwargs,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a malformed MXFP4 checkpoint
         raise ModelLoadError(f"Could not load the text encoder weights from {folder}: {exc}") from exc
     # transformers only warns about these and fills the gaps with random weights; a text encoder must be complete.
     problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
