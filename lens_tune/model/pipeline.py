@@ -242,7 +242,9 @@ class LensPipeline(DiffusionPipeline):
             if tuple(latents.shape) != shape:
                 raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape} for {width}x{height}.")
             return latents.to(device=device, dtype=dtype)
-        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        # Drawn in float32 whatever the model dtype: a seed then gives the same image in bf16 and fp32, on any
+        # device (torch draws a different stream when asked for bf16 directly).
+        return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
 
     @torch.no_grad()
     def __call__(
