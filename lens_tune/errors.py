@@ -7,3 +7,11 @@ class LensTuneError(Exception):
 
 class ModelLoadError(LensTuneError):
     """A checkpoint or model folder could not be loaded as asked."""
+
+
+class RecipeError(LensTuneError):
+    """A recipe file (or a command-line override of it) is invalid."""
+
+
+class DatasetError(LensTuneError):
+    """Training data is missing, empty or unreadable."""

@@ -1,0 +1,1 @@
+"""Training data: sources, images, captions, buckets, class images and the feature caches."""

@@ -1,0 +1,1 @@
+"""Recipes: the YAML files that describe a run, validated into typed settings."""
