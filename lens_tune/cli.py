@@ -72,7 +72,78 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--cpu-offload", action="store_true", help="keep only the running component on the GPU (16 GB cards)")
     sample.add_argument("--out", type=Path, required=True, help="folder to write the PNGs to")
     sample.set_defaults(handler=run_sample)
+
+    validate = commands.add_parser(
+        "validate",
+        help="check a recipe and print every resolved setting (loads no weights)",
+        description="Load a recipe (with extends and overrides), check it and its data sources, print the resolved "
+        "recipe. Loads no model weights.",
+    )
+    validate.add_argument("recipe", type=Path, nargs="?", help="the recipe YAML (optional with --explain)")
+    validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as train.steps=500")
+    validate.add_argument("--explain", action="store_true", help="list every recipe field with its default and meaning")
+    validate.set_defaults(handler=run_validate)
+
+    cache = commands.add_parser(
+        "cache",
+        help="run only the data phases of a recipe: check images, class images, text features, latents",
+        description="Check the images, generate missing class images, and fill the text-feature and latent caches. "
+        "Unchanged items are reused from earlier runs.",
+    )
+    cache.add_argument("recipe", type=Path, help="the recipe YAML")
+    cache.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as data.trigger=zwx")
+    cache.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    cache.set_defaults(handler=run_cache)
     return parser
+
+
+def load(args: argparse.Namespace):
+    from lens_tune.recipe.load import load_recipe
+    from lens_tune.recipe.schema import Recipe
+
+    return load_recipe(args.recipe, Recipe, args.overrides)
+
+
+def run_validate(args: argparse.Namespace) -> None:
+    from lens_tune.recipe.load import dump_yaml, explain
+    from lens_tune.recipe.schema import Recipe
+
+    if args.explain:
+        print(explain(Recipe))
+        if args.recipe is None:
+            return
+    if args.recipe is None:
+        raise UsageError("validate needs a RECIPE (or --explain alone to list the fields).")
+    recipe = load(args)
+    from lens_tune.data.prepare import dataset_items
+    from lens_tune.model.sources import locate_model
+
+    counts = [len(dataset_items(d)) for d in recipe.data.datasets]
+    try:
+        model_root = locate_model(recipe.model.source, recipe.model.revision, download=False)
+        model_note = f"found at {model_root}" if model_root else "not downloaded yet: fetched from the Hub on first run"
+    except LensTuneError as err:
+        model_note = f"NOT AVAILABLE: {err}"
+    print(dump_yaml(recipe))
+    print(f"OK: {args.recipe}")
+    for dataset, count in zip(recipe.data.datasets, counts):
+        print(f"  {dataset.kind} dataset {dataset.folder or dataset.metadata or dataset.hub}: {count} image(s)")
+    print(f"  model {recipe.model.source}: {model_note}")
+
+
+def run_cache(args: argparse.Namespace) -> None:
+    import torch
+
+    from lens_tune.data.prepare import prepare_training_data
+
+    recipe = load(args)
+    device = torch.device(args.device) if args.device else None
+    prepared = prepare_training_data(recipe, device=device)
+    print(
+        f"Caches ready in {prepared.cache_dir}: {len(prepared.examples)} training image(s); "
+        f"text features {prepared.encoded['text']} encoded / {prepared.reused['text']} reused, "
+        f"latents {prepared.encoded['latents']} encoded / {prepared.reused['latents']} reused."
+    )
 
 
 def run_sample(args: argparse.Namespace) -> None:
