@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -119,11 +120,14 @@ def run_validate(args: argparse.Namespace) -> None:
     from lens_tune.model.sources import locate_model
 
     counts = [len(dataset_items(d)) for d in recipe.data.datasets]
-    try:
-        model_root = locate_model(recipe.model.source, recipe.model.revision, download=False)
-        model_note = f"found at {model_root}" if model_root else "not downloaded yet: fetched from the Hub on first run"
-    except LensTuneError as err:
-        model_note = f"NOT AVAILABLE: {err}"
+    if recipe.model.source == "tiny":
+        model_note = "the built-in tiny model (built on first use)"
+    else:
+        try:
+            model_root = locate_model(recipe.model.source, recipe.model.revision, download=False)
+            model_note = f"found at {model_root}" if model_root else "not downloaded yet: fetched from the Hub on first run"
+        except LensTuneError as err:
+            model_note = f"NOT AVAILABLE: {err}"
     print(dump_yaml(recipe))
     print(f"OK: {args.recipe}")
     for dataset, count in zip(recipe.data.datasets, counts):
@@ -220,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         args.handler(args)
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except (LensTuneError, ValueError, OSError) as err:
         if args.verbose:
             raise

@@ -294,17 +294,17 @@ def test_bad_item_deep_inside_second_dataset():
 
 def test_missing_required_field_points_at_parent():
     msg = fail(GOOD.replace("  steps: 100\n", ""))
-    assert one_problem(msg) == "r.yaml:3:1: train: missing required field 'steps' (int)"
+    assert one_problem(msg) == "r.yaml:3:1: train: missing required field 'steps' (Optimizer steps)"
 
 
 def test_missing_required_section_points_at_top_level():
     msg = fail(GOOD.split("data:")[0])
-    assert one_problem(msg) == "r.yaml:1:1: (top level): missing required field 'data' (DataSection)"
+    assert one_problem(msg) == "r.yaml:1:1: (top level): missing required field 'data' (Training data)"
 
 
 def test_missing_required_field_in_list_item():
     msg = fail(GOOD.replace("      path: images\n", ""))
-    assert one_problem(msg) == "r.yaml:8:7: data.datasets[0]: missing required field 'path' (path)"
+    assert one_problem(msg) == "r.yaml:8:7: data.datasets[0]: missing required field 'path' (Folder of images)"
 
 
 def test_scalar_instead_of_list():
@@ -523,7 +523,7 @@ def test_extends_wrong_type():
 def test_override_without_equals():
     write("r.yaml", GOOD)
     assert fail(None, ["train.steps"]) == (
-        "command-line override `train.steps`: expected KEY=VALUE, e.g. `train.lr=1e-4` (there is no '=')"
+        "command-line override `train.steps`: expected KEY=VALUE, e.g. `train.steps=500` (there is no '=')"
     )
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 logger = logging.getLogger(__name__)
 
-SHARD_BYTES = 256 * 2**20  # a shard is written once this much is buffered
+SHARD_BYTES = 64 * 2**20  # a shard is written once this much is buffered: the writer's memory bound
 
 
 def content_key(**fields) -> str:
@@ -98,7 +98,8 @@ class FeatureCache:
         entry = self._index[key]
         try:
             with safe_open(str(entry.shard), framework="pt", device=device) as handle:
-                tensors = {name.split("/", 1)[1]: handle.get_tensor(name) for name in entry.names}
+                # copies: a memory-mapped tensor would crash the process (SIGBUS) if its file were truncated later
+                tensors = {name.split("/", 1)[1]: handle.get_tensor(name).clone() for name in entry.names}
         except (SafetensorError, OSError, ValueError) as err:
             raise CorruptEntry(f"{entry.shard.name}: {err}") from err
         if tensor_digest(tensors) != entry.sha256:

@@ -21,7 +21,7 @@ from lens_tune.data.buckets import Bucket, assign_bucket, bucket_histogram, fit_
 from lens_tune.data.cache import FeatureCache, content_key, folder_fingerprint
 from lens_tune.data.captions import caption_variants, resolve_caption
 from lens_tune.data.class_images import class_image_settings, generate_class_images
-from lens_tune.data.images import CheckedImage, check_images, load_image
+from lens_tune.data.images import CheckedImage, ImageProblem, bad_images_message, check_images, load_image
 from lens_tune.data.sources import ImageItem, folder_items, hub_items, metadata_items
 from lens_tune.errors import DatasetError
 from lens_tune.model.sources import locate_model
@@ -96,20 +96,24 @@ class PlannedImage:
 def plan_images(recipe: Recipe, log: Callable[[str], None]) -> list[PlannedImage]:
     """Read and check every image, give each a bucket and its caption variants. Bad images are reported together."""
     data = recipe.data
-    planned, problems = [], []
+    planned, problems, total = [], [], 0
     for index, dataset in enumerate(data.datasets):
         items = dataset_items(dataset)
+        total += len(items)
         checked, bad = check_images(items, on_bad_image="skip", background=data.background, min_size=data.min_image_size)
-        problems += [f"{p.origin}: {p.reason}" for p in bad]
+        problems += bad
         for image in checked:
-            resolutions = dataset.resolution if dataset.bucketing else dataset.resolution[:1]
-            bucket = assign_bucket(image.width, image.height, resolutions, dataset.max_upscale) if dataset.bucketing else \
-                square_bucket(image, dataset)
+            bucket = (
+                assign_bucket(image.width, image.height, dataset.resolution, dataset.max_upscale)
+                if dataset.bucketing
+                else square_bucket(image, dataset)
+            )
             if bucket is None:
-                problems.append(
-                    f"{image.item.origin}: {image.width}x{image.height} is too small for any bucket at resolution "
-                    f"{dataset.resolution} without upscaling more than {dataset.max_upscale}x (raise max_upscale or add a lower resolution)"
-                )
+                problems.append(ImageProblem(
+                    image.item.origin,
+                    f"{image.width}x{image.height} is too small for resolution {dataset.resolution} without upscaling "
+                    f"more than {dataset.max_upscale}x (raise max_upscale or add a lower resolution)",
+                ))
                 continue
             caption = resolve_caption(
                 image.item.caption,
@@ -125,11 +129,8 @@ def plan_images(recipe: Recipe, log: Callable[[str], None]) -> list[PlannedImage
         log(f"dataset {index + 1} ({dataset.kind}): {len(checked)} image(s) from {dataset.folder or dataset.metadata or dataset.hub}")
     if problems:
         if data.on_bad_image == "error":
-            raise DatasetError(
-                f"{len(problems)} image(s) cannot be used:\n  " + "\n  ".join(problems)
-                + "\nFix or remove them, or set data.on_bad_image: skip."
-            )
-        log(f"skipped {len(problems)} image(s):\n  " + "\n  ".join(problems))
+            raise DatasetError(bad_images_message(problems, total))
+        log(f"skipped {len(problems)} image(s):\n" + "\n".join(f"  {p.origin}: {p.reason}" for p in problems))
     if not planned:
         raise DatasetError("No usable training images: every dataset is empty or all images were skipped.")
     return planned
@@ -178,7 +179,8 @@ def release(device: torch.device) -> None:
 
 
 def cache_text_features(
-    captions: list[str], keys: dict[str, str], cache: FeatureCache, model_root: Path, device: torch.device, dtype: torch.dtype
+    captions: list[str], keys: dict[str, str], cache: FeatureCache, model_root: Path, device: torch.device,
+    dtype: torch.dtype, shard_bytes: int,
 ) -> int:
     """Encode the captions whose keys are missing; one caption per forward, as the pipeline's encode_prompt does."""
     todo = [c for c in captions if keys[c] not in cache]
@@ -191,7 +193,7 @@ def cache_text_features(
     tokenizer = load_tokenizer(model_root / "tokenizer")
     encoder = load_text_encoder(model_root / "text_encoder", dtype=dtype, device=device)
     offset = chat_prefix_length(tokenizer)
-    with cache.writer() as writer:
+    with cache.writer(shard_bytes) as writer:
         for caption in tqdm(todo, desc="text features", unit="caption"):
             features, mask = encode_text(tokenizer, encoder, [caption], layers, MAX_SEQUENCE_LENGTH, offset, device)
             valid = mask[0]
@@ -208,14 +210,16 @@ class LatentJob:
     flip: bool
 
 
-def cache_latents(jobs: list[LatentJob], cache: FeatureCache, model_root: Path, device: torch.device, background) -> int:
+def cache_latents(
+    jobs: list[LatentJob], cache: FeatureCache, model_root: Path, device: torch.device, background, shard_bytes: int
+) -> int:
     todo = [job for job in jobs if job.key not in cache]
     if not todo:
         return 0
     from lens_tune.model.latents import encode_pixels, load_vae, pixels_from_image
 
     vae = load_vae(model_root / "vae", device=device)
-    with cache.writer() as writer, torch.no_grad():
+    with cache.writer(shard_bytes) as writer, torch.no_grad():
         for job in tqdm(todo, desc="latents", unit="image"):
             item = job.image.checked.item
             image = load_image(item.read_bytes(), item.origin, background=background, min_size=1)
@@ -273,12 +277,13 @@ def prepare_training_data(recipe: Recipe, device: torch.device | None = None, lo
     log(expected_size_note(captions, text_keys, jobs, cache, model_root, dtype))
 
     log("== text features")
-    encoded_text = cache_text_features(captions, text_keys, cache, model_root, device, dtype)
+    shard_bytes = recipe.cache.shard_mib * 2**20
+    encoded_text = cache_text_features(captions, text_keys, cache, model_root, device, dtype, shard_bytes)
     release(device)
     log(f"text features: {encoded_text} encoded, {len(captions) - encoded_text} reused; {peak_memory_note(device)}")
 
     log("== latents")
-    encoded_latents = cache_latents(jobs, cache, model_root, device, recipe.data.background)
+    encoded_latents = cache_latents(jobs, cache, model_root, device, recipe.data.background, shard_bytes)
     release(device)
     log(f"latents: {encoded_latents} encoded, {len(jobs) - encoded_latents} reused; {peak_memory_note(device)}")
 

@@ -461,11 +461,11 @@ _INDEX_RE = re.compile(r"^[0-9]+$")
 def _apply_override(data: dict, positions: Positions, text: str) -> None:
     origin = _override_origin(text)
     if "=" not in text:
-        raise RecipeError(f"{origin}: expected KEY=VALUE, e.g. `train.lr=1e-4` (there is no '=')")
+        raise RecipeError(f"{origin}: expected KEY=VALUE, e.g. `train.steps=500` (there is no '=')")
     key, _, value_text = text.partition("=")
     key = key.strip()
     if not key:
-        raise RecipeError(f"{origin}: the key before '=' is empty (expected KEY=VALUE, e.g. `train.lr=1e-4`)")
+        raise RecipeError(f"{origin}: the key before '=' is empty (expected KEY=VALUE, e.g. `train.steps=500`)")
     parts = key.split(".")
     if any(not p for p in parts):
         raise RecipeError(f"{origin}: the key `{key}` has an empty part (write names joined by single dots)")
@@ -806,7 +806,8 @@ def _entry(err: dict, walk: _Walk, data: Any, positions: Positions) -> _Entry:
 
     if kind == "missing":
         parent, name = path[:-1], path[-1] if path else "?"
-        what = f" ({_type_name(walk.field.annotation)})" if walk.field is not None else ""
+        described = walk.field.description if walk.field is not None else None
+        what = f" ({described})" if described else ""
         return _Entry(_container_origin(positions, parent), parent, f"missing required field '{name}'{what}", None, "")
 
     if kind == "extra_forbidden":
@@ -840,6 +841,8 @@ def _entry(err: dict, walk: _Walk, data: Any, positions: Positions) -> _Entry:
 
     if kind in ("value_error", "assertion_error"):
         text = re.sub(r"^(Value error|Assertion failed), ", "", msg)
+        if ctx.get("at"):  # a cross-field rule that names the field it is about (lens_tune.recipe.schema.rule_error)
+            path = path + tuple(ctx["at"])
         at = _data_at(data, path)
         origin = _container_origin(positions, path) if isinstance(at, (dict, list)) or at is _MISSING else _value_origin(positions, path)
         return _Entry(origin, path, text, None, "")
@@ -917,12 +920,14 @@ def _issues(model_cls: type[BaseModel], data: Any, positions: Positions, errors:
         if all(e.path == item for _, e, _ in members):
             alternatives: list[str] = []
             for _, e, _ in members:
-                alt = re.sub(r"^Input should be ", "", e.text).split(",")[0]
+                alt = re.sub(r"^Input should be ", "", e.text)
+                alt = alt if alt.startswith("one of ") else alt.split(",")[0]
                 if alt not in alternatives:
                     alternatives.append(alt)
             text = "Input should be " + " or ".join(alternatives)
             got = f" (got {_got(value)})" if value is not _MISSING else ""
-            issues.append(Issue(_value_origin(positions, item), _dotted(item), text + got))
+            note = next((e.note for _, e, _ in members if e.note), "")
+            issues.append(Issue(_value_origin(positions, item), _dotted(item), text + got + note))
             continue
         parts = []
         for tag, e, _ in members:

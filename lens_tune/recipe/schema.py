@@ -1,24 +1,34 @@
 """The recipe schema: every setting of a run, its type, its default and a one-line description.
 
 Defaults suit a single 16 GB GPU. `lens-tune validate --explain` prints this file's descriptions; the YAML recipes in
-`recipes/` are commented copies of the parts a user usually changes. Relative paths are resolved against the recipe
-file that sets them.
+`recipes/` are commented copies of the parts a user usually changes. Relative file paths are resolved against the
+recipe file that sets them; `model.source` (a folder or a Hub repo id) is read like a command-line argument, from the
+working directory.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 TRIGGER_PLACEHOLDER = "[trigger]"
 
 
-def _multiple_of_16(value: int, what: str) -> int:
+def _multiple_of_16(value: int, what: str = "a size") -> int:
     if value <= 0 or value % 16:
         raise ValueError(f"{what} must be a positive multiple of 16 (Lens works on 16-pixel tokens), got {value}")
     return value
+
+
+Resolution = Annotated[int, AfterValidator(lambda v: _multiple_of_16(v, "a resolution"))]
+
+
+def rule_error(message: str, *at: str | int) -> PydanticCustomError:
+    """A cross-field rule broken; `at` is the path, relative to the model raising it, of the field to point at."""
+    return PydanticCustomError("value_error", message.replace("{", "{{").replace("}", "}}"), {"at": at})
 
 
 class Section(BaseModel):
@@ -64,26 +74,20 @@ class Dataset(Section):
     keep_tags: int = Field(1, ge=0, description="leading tags that shuffle_tags leaves in place")
     shuffle_variants: int = Field(4, ge=1, le=64, description="shuffled versions cached per caption when shuffle_tags is on")
     repeats: int = Field(1, ge=1, le=10000, description="how many times each image counts per epoch")
-    resolution: list[int] = Field([1024], min_length=1, description="training resolution(s); each a multiple of 16 (buckets keep ~res² pixels)")
+    resolution: list[Resolution] = Field([1024], min_length=1, description="training resolution(s); each a multiple of 16 (buckets keep ~res² pixels)")
     bucketing: bool = Field(True, description="aspect-ratio buckets (1:2 to 2:1); false crops every image square")
     max_upscale: float = Field(1.0, ge=1.0, le=4.0, description="largest allowed upscaling of an image to fill its bucket")
     crop: Literal["center", "random"] = Field("center", description="how an image is cropped to its bucket")
     crop_variants: int = Field(1, ge=1, le=16, description="random crops cached per image when crop is random")
     flip: bool = Field(False, description="also train on mirrored images (do not use for text or asymmetric subjects)")
 
-    @field_validator("resolution")
-    @classmethod
-    def _resolutions(cls, values: list[int]) -> list[int]:
-        return [_multiple_of_16(v, "resolution") for v in values]
-
     @model_validator(mode="after")
     def _one_source(self) -> "Dataset":
         given = [name for name in ("folder", "metadata", "hub") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(
-                "a dataset needs exactly one of folder, metadata or hub"
-                + (f" (it has {', '.join(given)})" if given else "")
-            )
+        if not given:
+            raise rule_error("a dataset needs one of folder, metadata or hub")
+        if len(given) > 1:
+            raise rule_error(f"a dataset takes exactly one of folder, metadata or hub (it has {', '.join(given)})", given[1])
         return self
 
 
@@ -132,7 +136,7 @@ class DreamBoothSettings(Section):
     @model_validator(mode="after")
     def _prior_needs_class_prompt(self) -> "DreamBoothSettings":
         if self.prior_preservation and not (self.class_prompt or "").strip():
-            raise ValueError("prior_preservation needs a class_prompt (e.g. 'a photo of a dog')")
+            raise rule_error("prior_preservation needs a class_prompt (e.g. 'a photo of a dog')", "prior_preservation")
         return self
 
 
@@ -206,6 +210,7 @@ class ExportSettings(Section):
 
 class CacheSettings(Section):
     dir: Path | None = Field(None, description="cache folder shared by runs: features/ and class_images/ (null: ~/.cache/lens-tune)")
+    shard_mib: int = Field(64, ge=1, le=4096, description="size of each cache file; also the most the writer holds in memory")
 
 
 class OutputSettings(Section):
@@ -240,18 +245,25 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
-        uses_trigger = [
-            text
-            for text in [self.dreambooth.instance_prompt, self.dreambooth.class_prompt, *self.validation.prompts]
-            if text and TRIGGER_PLACEHOLDER in text
-        ]
-        if uses_trigger and not self.data.trigger:
-            raise ValueError(f"'{uses_trigger[0]}' uses [trigger] but data.trigger is not set")
+        texts = [(("dreambooth", "instance_prompt"), self.dreambooth.instance_prompt)]
+        texts += [(("validation", "prompts", i), p) for i, p in enumerate(self.validation.prompts)]
+        for at, text in texts:
+            if text and TRIGGER_PLACEHOLDER in text and not self.data.trigger:
+                raise rule_error(f"'{text}' uses [trigger] but data.trigger is not set", *at)
         if self.dreambooth.class_prompt and TRIGGER_PLACEHOLDER in self.dreambooth.class_prompt:
-            raise ValueError("dreambooth.class_prompt must not contain [trigger]: it describes the class, not the subject")
-        needs_instance = [d for d in self.data.datasets if d.kind == "subject" and not d.use_captions]
-        if needs_instance and not self.dreambooth.instance_prompt:
-            raise ValueError("a subject dataset with use_captions: false needs dreambooth.instance_prompt")
+            raise rule_error(
+                "dreambooth.class_prompt must not contain [trigger]: it describes the class, not the subject",
+                "dreambooth", "class_prompt",
+            )
+        for i, dataset in enumerate(self.data.datasets):
+            if dataset.kind == "subject" and not dataset.use_captions and not self.dreambooth.instance_prompt:
+                raise rule_error(
+                    "a subject dataset with use_captions: false needs dreambooth.instance_prompt",
+                    "data", "datasets", i, "use_captions",
+                )
         if self.dreambooth.prior_preservation and not any(d.kind == "subject" for d in self.data.datasets):
-            raise ValueError("dreambooth.prior_preservation is for subject datasets, and this recipe has none")
+            raise rule_error(
+                "dreambooth.prior_preservation is for subject datasets, and this recipe has none",
+                "dreambooth", "prior_preservation",
+            )
         return self

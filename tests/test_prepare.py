@@ -1,0 +1,206 @@
+"""The data phases end to end on the tiny model: caching, reuse, invalidation, exactness and corruption."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lens_tune.data.buckets import fit_to_bucket
+from lens_tune.data.cache import FeatureCache
+from lens_tune.data.images import load_image
+from lens_tune.data.prepare import prepare_training_data
+from lens_tune.errors import DatasetError, ModelLoadError
+from lens_tune.recipe.load import load_recipe
+from lens_tune.recipe.lock import check_lock, locked, write_lock
+from lens_tune.recipe.schema import Recipe
+
+EXAMPLES = Path(__file__).parents[1] / "examples" / "subject"
+
+RECIPE = """
+model:
+  source: tiny
+data:
+  trigger: sks
+  min_image_size: 64
+  datasets:
+    - kind: subject
+      folder: images
+      resolution: [64]
+cache:
+  dir: cache
+validation:
+  prompts: ["a photo of [trigger] toy robot on a beach"]
+"""
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("robot_01", "robot_02", "robot_03"):
+        shutil.copy(EXAMPLES / f"{name}.png", images)
+        shutil.copy(EXAMPLES / f"{name}.txt", images)
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    return tmp_path
+
+
+def recipe_of(workspace, *overrides) -> Recipe:
+    return load_recipe(workspace / "recipe.yaml", Recipe, list(overrides))
+
+
+def prepare(recipe):
+    return prepare_training_data(recipe, device=torch.device("cpu"), log=quiet)
+
+
+def test_second_run_reuses_everything_and_one_changed_caption_is_reencoded(workspace):
+    first = prepare(recipe_of(workspace))
+    assert first.encoded == {"text": 4, "latents": 3}  # 3 captions + 1 validation prompt; 3 images
+    second = prepare(recipe_of(workspace))
+    assert second.encoded == {"text": 0, "latents": 0} and second.reused == {"text": 4, "latents": 3}
+    (workspace / "images" / "robot_02.txt").write_text("a photo of [trigger] toy robot, close up")
+    third = prepare(recipe_of(workspace))
+    assert third.encoded == {"text": 1, "latents": 0}
+    assert third.fingerprint != first.fingerprint
+
+
+def test_cached_features_equal_the_pipeline_and_a_fresh_encode(workspace):
+    from lens_tune import LensPipeline
+    from lens_tune.model.latents import encode_pixels, load_vae, pixels_from_image
+    from lens_tune.model.tiny import tiny_pipeline_dir
+
+    recipe = recipe_of(workspace)
+    prepared = prepare(recipe)
+    cache = FeatureCache(prepared.cache_dir)
+    pipe = LensPipeline.from_pretrained(tiny_pipeline_dir())
+
+    example = next(e for e in prepared.examples if e.origin.endswith("robot_01.png"))
+    caption = cache.meta(example.caption_keys[0])["caption"]
+    assert caption == "a photo of sks toy robot on a wooden table"
+    embeds, mask, _, _ = pipe.encode_prompt(caption)
+    cached = cache.get(example.caption_keys[0])
+    for i, layer in enumerate(embeds):
+        assert torch.equal(cached[f"layer.{i}"], layer[0][mask[0]])  # bit for bit, fp32 on CPU
+
+    vae = load_vae(tiny_pipeline_dir() / "vae")
+    image = load_image((workspace / "images" / "robot_01.png").read_bytes(), "robot_01.png", min_size=1)
+    image = fit_to_bucket(image, example.bucket, crop="center", flip=False, crop_seed=None)
+    with torch.no_grad():
+        fresh = encode_pixels(vae, pixels_from_image(image))[0]
+    assert torch.equal(cache.get(example.latent_keys[0])["tokens"], fresh)
+    prompt_key = prepared.prompt_keys["a photo of sks toy robot on a beach"]
+    assert cache.meta(prompt_key)["caption"] == "a photo of sks toy robot on a beach"
+
+
+def test_settings_that_change_an_encoding_change_its_key(workspace):
+    base = prepare(recipe_of(workspace))
+    flipped = prepare(recipe_of(workspace, "data.datasets.0.flip=true"))
+    assert flipped.encoded["latents"] == 3  # the mirrored variants are new; the originals are reused
+    assert all(len(e.latent_keys) == 2 for e in flipped.examples)
+    resized = prepare(recipe_of(workspace, "data.datasets.0.resolution=[128]"))
+    assert resized.encoded == {"text": 0, "latents": 3}
+    assert {e.latent_keys[0] for e in base.examples}.isdisjoint({e.latent_keys[0] for e in resized.examples})
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte"])
+def test_corrupt_shards_are_detected_and_rebuilt(workspace, damage):
+    first = prepare(recipe_of(workspace))
+    cache = FeatureCache(first.cache_dir)
+    originals = {k: cache.get(k) for e in first.examples for k in e.latent_keys}
+    for shard in first.cache_dir.glob("shard-*.safetensors"):
+        data = bytearray(shard.read_bytes())
+        if damage == "truncate":
+            data = data[: len(data) // 2]
+        else:
+            data[-5] ^= 0xFF  # the last tensor's bytes, past the header
+        shard.write_bytes(bytes(data))
+    again = prepare(recipe_of(workspace))
+    assert again.encoded["latents"] + again.encoded["text"] > 0
+    rebuilt = FeatureCache(again.cache_dir)
+    for key, tensors in originals.items():
+        assert torch.equal(rebuilt.get(key)["tokens"], tensors["tokens"])
+
+
+def test_an_interrupted_shard_is_ignored(workspace):
+    first = prepare(recipe_of(workspace))
+    for sidecar in first.cache_dir.glob("shard-*.json"):
+        sidecar.unlink()  # as if killed between writing the shard and its index
+    assert len(FeatureCache(first.cache_dir)) == 0
+    assert prepare(recipe_of(workspace)).encoded == {"text": 4, "latents": 3}
+
+
+def test_text_encoder_is_released_before_the_latent_phase(workspace, monkeypatch):
+    import lens_tune.model.latents as latents
+    from lens_tune.model.text_encoder import LensGptOssEncoder
+
+    alive_during_vae = []
+    real_load_vae = latents.load_vae
+
+    def spy(*args, **kwargs):
+        gc.collect()
+        alive_during_vae.append(sum(isinstance(o, LensGptOssEncoder) for o in gc.get_objects()))
+        return real_load_vae(*args, **kwargs)
+
+    monkeypatch.setattr(latents, "load_vae", spy)
+    prepare(recipe_of(workspace))
+    assert alive_during_vae == [0]
+
+
+def test_bad_images_are_listed_together_or_skipped(workspace):
+    (workspace / "images" / "broken.png").write_bytes((workspace / "images" / "robot_01.png").read_bytes()[:300])
+    (workspace / "images" / "notes.png").write_text("not an image")
+    with pytest.raises(DatasetError) as error:
+        prepare(recipe_of(workspace))
+    message = str(error.value)
+    assert "2 of 5 images cannot be used" in message and "broken.png" in message and "notes.png" in message
+    skipped = prepare(recipe_of(workspace, "data.on_bad_image=skip"))
+    assert len(skipped.examples) == 3
+
+
+def test_missing_model_stops_before_any_work(workspace):
+    recipe = recipe_of(workspace, "model.source=./no-such-model")
+    with pytest.raises(ModelLoadError, match="'./no-such-model' does not exist.*hf download"):
+        prepare(recipe)
+    assert not (workspace / "cache").exists()
+
+
+def test_class_images_are_generated_once_and_reused(workspace):
+    overrides = [
+        "dreambooth.class_prompt=a photo of a toy robot",
+        "dreambooth.prior_preservation=true",
+        "dreambooth.num_class_images=3",
+        "dreambooth.class_image_steps=2",
+    ]
+    first = prepare(recipe_of(workspace, *overrides))
+    classes = [e for e in first.examples if e.kind == "class"]
+    assert len(classes) == 3 and all(e.loss_weight == 1.0 and e.bucket.width == 64 for e in classes)
+    generated = sorted((workspace / "cache" / "class_images").glob("*.png"))
+    assert len(generated) == 3
+    stamps = [p.stat().st_mtime_ns for p in generated]
+    prepare(recipe_of(workspace, *overrides))
+    assert [p.stat().st_mtime_ns for p in generated] == stamps  # reused, not regenerated
+    more = prepare(recipe_of(workspace, *overrides[:-1], "dreambooth.class_image_steps=3"))
+    assert len(list((workspace / "cache" / "class_images").glob("*.png"))) == 6  # new settings, new images
+    assert sum(e.kind == "class" for e in more.examples) == 3
+
+
+def test_lock_file_round_trip_and_data_check(workspace):
+    recipe = recipe_of(workspace)
+    prepared = prepare(recipe)
+    lock_path = workspace / "recipe.lock.yaml"
+    write_lock(locked(recipe, prepared.fingerprint, None), lock_path)
+    reloaded = load_recipe(lock_path, Recipe)
+    assert reloaded.model_dump(exclude={"lock"}) == recipe.model_dump(exclude={"lock"})
+    assert reloaded.lock.dataset_fingerprint == prepared.fingerprint and reloaded.lock.packages["torch"]
+    assert check_lock(reloaded, prepared.fingerprint) == []
+    from lens_tune.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="training data changed"):
+        check_lock(reloaded, "0" * 64)
