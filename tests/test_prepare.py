@@ -204,3 +204,17 @@ def test_lock_file_round_trip_and_data_check(workspace):
 
     with pytest.raises(RecipeError, match="training data changed"):
         check_lock(reloaded, "0" * 64)
+
+
+def test_quickstart_recipe_caches_then_reuses_everything(tmp_path, capsys, monkeypatch):
+    from lens_tune.cli import main
+
+    monkeypatch.chdir(Path(__file__).parents[1])
+    argv = ["cache", "recipes/quickstart.yaml", f"cache.dir={tmp_path}"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    # 6 captions + the class prompt + 2 validation prompts, one of them the class prompt; 6 photos + 8 class images
+    assert "text features 8 encoded / 0 reused, latents 14 encoded / 0 reused" in first
+    assert "aspect" in first and "total" in first  # the bucket histogram
+    assert main(argv) == 0
+    assert "text features 0 encoded / 8 reused, latents 0 encoded / 14 reused" in capsys.readouterr().out
