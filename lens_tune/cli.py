@@ -95,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as data.trigger=zwx")
     cache.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     cache.set_defaults(handler=run_cache)
+
+    run = commands.add_parser(
+        "run",
+        help="train a LoRA adapter from a recipe (caches, class images, training, samples, checkpoints)",
+        description="Train an adapter as the recipe says. Ctrl-C finishes the current step, writes a checkpoint and "
+        "prints the command that resumes.",
+    )
+    run.add_argument("recipe", type=Path, help="the recipe YAML (or a run's recipe.lock.yaml)")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as train.steps=500")
+    run.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
+                     help="continue a run: its folder or one of its checkpoints (alone: the newest run of this recipe)")
+    run.add_argument("--num-processes", type=_int_in(1, 64), default=1,
+                     help="data-parallel processes through `accelerate launch` (default 1)")
+    run.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu forces CPU training (default auto)")
+    run.set_defaults(handler=run_training)
     return parser
 
 
@@ -215,9 +230,67 @@ def run_sample(args: argparse.Namespace) -> None:
         print(f"  {path}")
 
 
+def run_training(args: argparse.Namespace) -> None:
+    if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
+        return relaunch_with_accelerate(args)
+    import torch
+
+    from lens_tune.train.loop import train
+    from lens_tune.train.resume import resolve_resume
+
+    recipe = load(args)
+    if recipe.output.name is None:
+        recipe.output.name = args.recipe.stem.removesuffix(".lock")
+    run_dir, checkpoint = (None, None)
+    if args.resume:
+        run_dir, checkpoint, recipe = resolve_resume(args.resume, recipe, args.recipe, args.overrides)
+    device = torch.device("cpu") if args.device == "cpu" else None
+    result = train(recipe, resume=run_dir, checkpoint=checkpoint, device=device)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    command = f"lens-tune run {args.recipe} --resume {result.run}"
+    if result.state == "interrupted":
+        print(f"\nInterrupted at step {result.step}; the checkpoint is in {result.run / 'checkpoints'}.\n"
+              f"Resume with:\n  {command}")
+        raise SystemExit(130)
+    print(
+        f"\nFinished {result.step} steps. Run folder: {result.run}\n"
+        f"  adapter:     {result.run / 'adapter'}\n"
+        f"  samples:     {result.run / 'samples'}\n"
+        f"  checkpoints: {result.run / 'checkpoints'}\n"
+        "Next:\n"
+        f"  lens-tune sample --model {recipe.model.source} --adapter {result.run / 'adapter'} --prompt \"...\" --out samples/\n"
+        f"  lens-tune export {result.run}\n"
+        "  lens-tune ui"
+    )
+
+
+def relaunch_with_accelerate(args: argparse.Namespace) -> None:
+    """Re-run this command under `accelerate launch` with N processes (gloo on CPU, NCCL on GPUs)."""
+    import subprocess
+
+    argv = [str(args.recipe), *args.overrides]
+    if args.resume:
+        argv += ["--resume", args.resume]
+    if args.device != "auto":
+        argv += ["--device", args.device]
+    # --multi_gpu selects accelerate's torchrun launcher, which also runs N CPU processes (gloo) when there is no
+    # GPU or --device cpu; its --cpu flag would start a single process.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+              str(args.num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    status = subprocess.call([*launch, "-m", "lens_tune", "run", *argv])
+    if status:
+        raise SystemExit(status)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also come after options (`run r.yaml --device cpu train.steps=5`)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         # bitsandbytes warns on import about optional CPU kernels that lens-tune does not use

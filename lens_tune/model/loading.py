@@ -78,6 +78,8 @@ def safetensors_files(folder: Path, weights_name: str = WEIGHTS_NAME) -> list[Pa
 def read_safetensors(files: Iterable[Path], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """All tensors of the given safetensors files; a corrupt or non-safetensors file is named in the error."""
     tensors: dict[str, torch.Tensor] = {}
+    device = torch.device(device)
+    device = "cpu" if device.type == "cpu" else str(device)  # safetensors refuses "cpu:0"
     for file in files:
         file = Path(file)
         if file.suffix in PICKLE_SUFFIXES:
@@ -88,7 +90,7 @@ def read_safetensors(files: Iterable[Path], device: str | torch.device = "cpu") 
         if not file.is_file():
             raise ModelLoadError(f"Checkpoint file {file} does not exist.")
         try:
-            with safe_open(str(file), framework="pt", device=str(device)) as handle:
+            with safe_open(str(file), framework="pt", device=device) as handle:
                 for key in handle.keys():
                     tensors[key] = handle.get_tensor(key)
         except (SafetensorError, OSError, ValueError) as err:

@@ -1,0 +1,1 @@
+"""Training: optimizers, schedules, EMA and the training loop."""

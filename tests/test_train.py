@@ -1,0 +1,234 @@
+"""The trainer end to end on the tiny model: learning, prior preservation, exact resume, data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lens_tune.recipe.load import load_recipe
+from lens_tune.recipe.schema import Recipe
+from lens_tune.train.run_folder import read_events, read_status
+
+REPO = Path(__file__).parents[1]
+SUBJECT = REPO / "examples" / "subject"
+
+
+def write_recipe(folder: Path, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    images = folder / "images"
+    if not images.exists():
+        images.mkdir()
+        shutil.copy(SUBJECT / "robot_01.png", images)
+        (images / "robot_01.txt").write_text("a photo of [trigger] toy robot")
+    path = folder / "recipe.yaml"
+    path.write_text(body)
+    return path
+
+
+BASE = """
+model: {source: tiny}
+data:
+  trigger: sks
+  min_image_size: 64
+  datasets: [{kind: subject, folder: images, resolution: [64], bucketing: false, caption_dropout: 0.0}]
+dreambooth: {instance_prompt: "a photo of [trigger] toy robot", class_prompt: "a photo of a toy robot"}
+validation: {prompts: ["a photo of [trigger] toy robot"], before_training: false, every: 100000, steps: 4}
+cache: {dir: cache}
+output: {dir: runs, name: test}
+"""
+
+
+def run_cli(recipe: Path, *args: str, env_extra: dict | None = None, wait: bool = True):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env_extra or {}))
+    command = [sys.executable, "-m", "lens_tune", "run", str(recipe), "--device", "cpu", *args]
+    if not wait:
+        return subprocess.Popen(command, cwd=recipe.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(command, cwd=recipe.parent, env=env, capture_output=True, text=True, timeout=600)
+
+
+def only_run(folder: Path) -> Path:
+    runs = sorted((folder / "runs" / "test").iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    events, _ = read_events(run / "events.jsonl")
+    return {e["step"]: e["loss"] for e in events if e["event"] == "step"}
+
+
+def adapter_tensors(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "adapter" / "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Learning
+# ---------------------------------------------------------------------------------------------------------------
+def sample_latents(recipe: Recipe, prompt: str, adapter: Path | None, seeds=(0, 1, 2)) -> torch.Tensor:
+    """Latents the base (or adapted) tiny model draws for a prompt, from the prompt's cached features."""
+    from lens_tune import LensPipeline
+    from lens_tune.data.cache import FeatureCache
+    from lens_tune.data.prepare import prepare_training_data
+    from lens_tune.model.tiny import tiny_pipeline_dir
+
+    prepared = prepare_training_data(recipe, device=torch.device("cpu"), log=lambda *_: None)
+    cache = FeatureCache(prepared.cache_dir)
+    entry = cache.get(prepared.prompt_keys[prompt])
+    embeds = [entry[f"layer.{i}"][None] for i in range(len(entry))]
+    pipe = LensPipeline.from_pretrained(tiny_pipeline_dir(), text_encoder=None, tokenizer=None)
+    pipe.set_progress_bar_config(disable=True)
+    if adapter is not None:
+        pipe.load_lora_weights(adapter)
+    return torch.cat([
+        pipe(prompt_embeds=embeds, prompt_mask=torch.ones(1, embeds[0].shape[1], dtype=torch.bool), height=64, width=64,
+             num_inference_steps=8, guidance_scale=1.0, output_type="latent",
+             generator=torch.Generator().manual_seed(seed)).images
+        for seed in seeds
+    ])
+
+
+def subject_latent(recipe: Recipe) -> torch.Tensor:
+    from lens_tune.data.cache import FeatureCache
+    from lens_tune.data.prepare import prepare_training_data
+
+    prepared = prepare_training_data(recipe, device=torch.device("cpu"), log=lambda *_: None)
+    example = next(e for e in prepared.examples if e.kind == "subject")
+    return FeatureCache(prepared.cache_dir).get(example.latent_keys[0])["tokens"]
+
+
+LEARN = BASE + """
+lora: {rank: 16, targets: all}
+train: {steps: 800, learning_rate: 3.0e-3, optimizer: adamw, gradient_checkpointing: false}
+checkpoint: {every: 100000}
+"""
+
+
+def train_in_process(recipe_path: Path, *overrides: str):
+    from lens_tune.train.loop import train
+
+    recipe = load_recipe(recipe_path, Recipe, list(overrides))
+    cwd = os.getcwd()
+    os.chdir(recipe_path.parent)
+    try:
+        return recipe, train(recipe, device=torch.device("cpu"), log=lambda *_: None)
+    finally:
+        os.chdir(cwd)
+
+
+def test_training_pulls_the_instance_prompt_towards_the_subject(tmp_path):
+    path = write_recipe(tmp_path, LEARN)
+    recipe, result = train_in_process(path)
+    assert result.state == "finished" and result.step == 800
+    prompt = "a photo of sks toy robot"
+    target = subject_latent(recipe)
+    before = (sample_latents(recipe, prompt, None) - target).square().mean()
+    after = (sample_latents(recipe, prompt, result.run / "adapter") - target).square().mean()
+    assert after <= 0.5 * before, (before, after)
+
+
+def test_prior_preservation_limits_class_drift(tmp_path):
+    class_prompt = "a photo of a toy robot"
+    body = LEARN.replace('prompts: ["a photo of [trigger] toy robot"]', f'prompts: ["a photo of [trigger] toy robot", "{class_prompt}"]')
+    drift = {}
+    for prior in (False, True):
+        folder = tmp_path / f"prior-{prior}"
+        path = write_recipe(folder, body)
+        extra = ["dreambooth.prior_preservation=true", "dreambooth.num_class_images=4", "dreambooth.class_image_steps=8",
+                 "dreambooth.class_image_guidance=1.0"] if prior else []
+        recipe, result = train_in_process(path, *extra)
+        baseline = sample_latents(recipe, class_prompt, None)
+        trained = sample_latents(recipe, class_prompt, result.run / "adapter")
+        drift[prior] = (trained - baseline).square().mean().item()
+    assert drift[True] < drift[False], drift
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact resume
+# ---------------------------------------------------------------------------------------------------------------
+RESUME = BASE + """
+lora: {rank: 4}
+train: {steps: 12, gradient_accumulation: 2, optimizer: adamw8bit, learning_rate: 1.0e-3}
+checkpoint: {every: 4, keep_last: 2}
+"""
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    out = run_cli(write_recipe(folder, RESUME))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = only_run(folder)
+    return step_losses(run), adapter_tensors(run)
+
+
+def assert_same_run(run: Path, uninterrupted) -> None:
+    losses, adapter = uninterrupted
+    assert step_losses(run) == losses
+    resumed = adapter_tensors(run)
+    assert resumed.keys() == adapter.keys()
+    assert all(torch.equal(resumed[k], adapter[k]) for k in adapter)  # bit for bit
+    assert read_status(run)["state"] == "finished"
+
+
+@pytest.mark.parametrize("micro_batch", [5, 6], ids=["inside-accumulation-cycle", "end-of-accumulation-cycle"])
+def test_sigint_then_resume_is_exact(tmp_path, uninterrupted, micro_batch):
+    path = write_recipe(tmp_path, RESUME)
+    out = run_cli(path, env_extra={"LENS_TUNE_FAULT": f"sigint@micro={micro_batch}"})
+    assert out.returncode == 130, out.stdout[-3000:] + out.stderr[-3000:]
+    run = only_run(tmp_path)
+    assert read_status(run)["state"] == "interrupted" and read_status(run)["step"] == 3
+    assert f"--resume {run}" in out.stdout
+    out = run_cli(path, "--resume", str(run))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert_same_run(run, uninterrupted)
+
+
+def test_sigkill_then_resume_from_last_checkpoint_is_exact(tmp_path, uninterrupted):
+    path = write_recipe(tmp_path, RESUME)
+    process = run_cli(path, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        runs = list((tmp_path / "runs" / "test").glob("*")) if (tmp_path / "runs" / "test").exists() else []
+        if runs and max(step_losses(runs[0]), default=0) >= 6:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    run = only_run(tmp_path)
+    assert read_status(run)["state"] == "running"  # it never got to say otherwise
+    out = run_cli(path, "--resume")  # the newest run of this recipe
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert_same_run(run, uninterrupted)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data parallelism
+# ---------------------------------------------------------------------------------------------------------------
+def test_two_processes_equal_one_with_double_accumulation(tmp_path):
+    body = BASE + """
+lora: {rank: 4}
+train: {steps: 4, optimizer: adamw, learning_rate: 1.0e-3}
+checkpoint: {every: 100000}
+"""
+    single = write_recipe(tmp_path / "single", body)
+    out = run_cli(single, "train.gradient_accumulation=2")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    double = write_recipe(tmp_path / "double", body)
+    out = run_cli(double, "train.gradient_accumulation=1", "--num-processes", "2")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    a, b = adapter_tensors(only_run(tmp_path / "single")), adapter_tensors(only_run(tmp_path / "double"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=0)
+    events, _ = read_events(only_run(tmp_path / "double") / "events.jsonl")
+    assert next(e for e in events if e["event"] == "phase")["processes"] == 2
