@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from lens_tune.errors import LensTuneError
+from lens_tune.logs import quiet_bitsandbytes_notice
 
 MAX_STEPS = 1000
 MAX_IMAGES = 64
@@ -292,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        # bitsandbytes warns on import about optional CPU kernels that lens-tune does not use
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    quiet_bitsandbytes_notice()
     try:
         args.handler(args)
     except BrokenPipeError:  # output piped into `head` and the like: not an error

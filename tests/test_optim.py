@@ -132,6 +132,9 @@ def test_build_optimizer_rejects_no_params():
 
 
 def test_bitsandbytes_kernels_notice_filtered_only(caplog):
+    from lens_tune.logs import quiet_bitsandbytes_notice
+
+    quiet_bitsandbytes_notice()
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     with caplog.at_level(logging.WARNING):
         logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No module named 'kernels'")

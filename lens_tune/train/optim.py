@@ -50,6 +50,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from lens_tune.logs import quiet_bitsandbytes_notice
 from lens_tune.recipe.schema import TrainSettings
 
 __all__ = ["EMA", "build_lr_scheduler", "build_optimizer", "lr_factor"]
@@ -62,33 +63,8 @@ LION_BETAS = (0.9, 0.99)
 # --- bitsandbytes import -----------------------------------------------------------------------------------------
 
 
-class _DropKernelsCommunityNotice(logging.Filter):
-    """Drops bitsandbytes' import-time notice that the optional `kernels` package (Hub CPU kernels from
-    `kernels-community`) is missing. It is harmless: bitsandbytes falls back to its own kernels, and the 8-bit
-    optimizers do not use them. Every other bitsandbytes record passes."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "kernels-community" not in record.getMessage()
-
-
-# The modules that log the notice when bitsandbytes is imported. A filter on a logger sees only the records of that
-# logger, so this silences exactly that message and nothing else from bitsandbytes. Installed at import of this
-# module so it also applies when another library (peft, diffusers) imports bitsandbytes first.
-_BNB_NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops", "bitsandbytes.backends.mps.ops")
-
-
-def _quiet_bitsandbytes_logging() -> None:
-    for name in _BNB_NOISY_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropKernelsCommunityNotice) for f in logger.filters):
-            logger.addFilter(_DropKernelsCommunityNotice())
-
-
-_quiet_bitsandbytes_logging()
-
-
 def _bitsandbytes_optim():
-    _quiet_bitsandbytes_logging()
+    quiet_bitsandbytes_notice()
     import bitsandbytes.optim
 
     return bitsandbytes.optim
