@@ -1,4 +1,4 @@
-# Two entry points: `make demo` and `make test`. Both build .venv from nothing when needed.
+# Two entry points: `make demo` (trains the quickstart recipe) and `make test`. Both build .venv from nothing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -21,9 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(VENV)/bin/lens-tune sample --model tiny --prompt "a photo of a red cube on a wooden table" \
-		--seed 0 --steps 8 --num-images 4 --out outputs/demo
-	@echo "Demo images (built-in tiny random model, so expect coloured noise) are in outputs/demo/"
+	$(VENV)/bin/lens-tune run recipes/quickstart.yaml output.dir=outputs/runs
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -12,7 +12,10 @@ at most 1.10x the bare loop's.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -38,43 +41,54 @@ cache: {{dir: CACHE}}
 """
 
 
-def trainer_step_times(steps: int, root: Path) -> list[float]:
+def benchmark_recipe(steps: int, root: Path):
     from lens_tune.recipe.load import load_recipe
     from lens_tune.recipe.schema import Recipe
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "recipe.yaml").write_text(RECIPE.replace("STEPS", str(steps)).replace("CACHE", str(root / "cache")))
+    return load_recipe(root / "recipe.yaml", Recipe, [f"output.dir={root / 'runs'}"])
+
+
+def trainer_step_times(recipe) -> list[float]:
     from lens_tune.train.loop import train
     from lens_tune.train.run_folder import read_events
 
-    (root / "recipe.yaml").write_text(RECIPE.replace("STEPS", str(steps)).replace("CACHE", str(root / "cache")))
-    recipe = load_recipe(root / "recipe.yaml", Recipe, [f"output.dir={root / 'runs'}"])
-    result = train(recipe, device=torch.device("cpu"), log=lambda *_: None)
+    with contextlib.redirect_stderr(io.StringIO()):  # the progress bar would be most of the output
+        result = train(recipe, device=torch.device("cpu"), log=lambda *_: None)
     events, _ = read_events(result.run / "events.jsonl")
     return [e["step_time"] for e in events if e["event"] == "step"]
 
 
-def bare_step_times(steps: int) -> list[float]:
-    """The same model, adapter and optimizer, batches prepared in advance, nothing else."""
+def bare_step_times(recipe) -> list[float]:
+    """The same model, adapter, optimizer and micro-batches (read before timing); forward, backward, step only."""
+    from lens_tune.data.cache import FeatureCache
+    from lens_tune.data.prepare import prepare_training_data
     from lens_tune.model.tiny import tiny_pipeline_dir
     from lens_tune.model.transformer import LensTransformer2DModel
-    from lens_tune.recipe.schema import LoraSettings
     from lens_tune.train.adapters import add_adapter
+    from lens_tune.train.data import MicroBatchStream, load_batch, micro_batch_seed
+    from lens_tune.train.objective import flow_matching_loss, sample_sigmas
 
+    settings = recipe.train
+    prepared = prepare_training_data(recipe, device=torch.device("cpu"), log=lambda *_: None)
+    cache, stream = FeatureCache(prepared.cache_dir), MicroBatchStream(prepared.examples, settings.batch_size, settings.seed)
     model = LensTransformer2DModel.from_pretrained(tiny_pipeline_dir() / "transformer")
     model.requires_grad_(False)
-    params = add_adapter(model, LoraSettings(rank=16))
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    torch.manual_seed(0)
-    text_len, hidden = 12, model.config.enc_hidden_dim
-    batches = [
-        (torch.randn(1, 64, 32), [torch.randn(1, text_len, hidden) for _ in range(3)], torch.rand(1), torch.randn(1, 64, 32))
-        for _ in range(steps)
-    ]
+    params = add_adapter(model, recipe.lora)
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    batches = []
+    for index in range(settings.steps):
+        generator = torch.Generator().manual_seed(micro_batch_seed(settings.seed, index))
+        batch = load_batch(stream[index], cache, generator, torch.device("cpu"), torch.float32, (3, 32))
+        sigma = sample_sigmas(settings, 1, batch.grid[0] * batch.grid[1], generator)
+        batches.append((batch, sigma, torch.randn(batch.latents.shape, generator=generator)))
     times = []
-    for x, text, sigma, target in batches:
+    for batch, sigma, noise in batches:
         start = time.perf_counter()
-        prediction = model(x, text, None, sigma, [(1, 8, 8)]).sample
-        loss = (prediction - target).square().mean()
+        loss = flow_matching_loss(model, batch.latents, batch.text, batch.text_mask, batch.grid, batch.weights, sigma, noise)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
@@ -88,11 +102,14 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     warmup = max(3, args.steps // 10)
+    trainer, bare = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = trainer_step_times(args.steps, Path(tmp))[warmup:]
-    bare = bare_step_times(args.steps)[warmup:]
+        for round_ in range(2):  # alternate, so neither side always runs on a warmer machine
+            recipe = benchmark_recipe(args.steps, Path(tmp) / str(round_))
+            bare += bare_step_times(recipe)[warmup:]
+            trainer += trainer_step_times(recipe)[warmup:]
     result = {
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, torch {torch.__version__}, "
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
         "date": time.strftime("%Y-%m-%d"),
         "steps_measured": len(bare),

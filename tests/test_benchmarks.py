@@ -16,3 +16,12 @@ def test_cache_throughput_smoke():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "'images': 20, 'items_encoded': 40" in out.stdout and "peak RSS 20 / 10 images" in out.stdout
+
+
+def test_train_overhead_smoke():
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train_overhead.py"), "--steps", "12", "--no-record"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert '"ratio"' in out.stdout and '"steps_measured": 18' in out.stdout
