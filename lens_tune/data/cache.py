@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +23,8 @@ from typing import Iterable
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from lens_tune.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +55,6 @@ class Entry:
 
 class CorruptEntry(Exception):
     """An entry's bytes do not match the hash recorded when it was written."""
-
-
-def _write_atomically(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class FeatureCache:
@@ -130,12 +120,12 @@ class FeatureCache:
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         shard, sidecar = self.root / f"{name}.safetensors", self.root / f"{name}.json"
         flat = {f"{key}/{n}": t.detach().contiguous().cpu() for key, (tensors, _) in entries.items() for n, t in tensors.items()}
-        _write_atomically(shard, lambda tmp: save_file(flat, str(tmp)))
+        atomic_write(shard, lambda tmp: save_file(flat, str(tmp)))
         index = {
             key: {"names": [f"{key}/{n}" for n in sorted(tensors)], "sha256": tensor_digest(tensors), "meta": meta}
             for key, (tensors, meta) in entries.items()
         }
-        _write_atomically(sidecar, lambda tmp: tmp.write_text(json.dumps({"entries": index})))
+        atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps({"entries": index})))
         for key, info in index.items():
             self._index[key] = Entry(shard, tuple(info["names"]), info["sha256"], info["meta"])
 

@@ -6,8 +6,6 @@ makes new images and an unchanged recipe generates nothing.
 
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +14,7 @@ from tqdm.auto import tqdm
 
 from lens_tune.data.cache import content_key, folder_fingerprint
 from lens_tune.data.sources import ImageItem, folder_items
+from lens_tune.files import atomic_write
 from lens_tune.model.sources import locate_model
 from lens_tune.recipe.schema import Recipe
 
@@ -66,9 +65,7 @@ def generate_class_images(recipe: Recipe, cache_root: Path, device: torch.device
                 db.class_prompt, height=settings["size"], width=settings["size"], num_inference_steps=settings["steps"],
                 guidance_scale=settings["guidance"], generator=torch.Generator("cpu").manual_seed(db.class_image_seed + i),
             ).images[0]
-            tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.png")
-            image.save(tmp)
-            os.replace(tmp, path)  # a half-written image is never taken for a finished one
+            atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))  # never half an image under its name
         del pipe
     return existing + [item for path in paths for item in folder_items_of(path)]
 

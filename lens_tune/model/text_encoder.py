@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import transformers
 from transformers import AutoConfig, AutoTokenizer, GptOssForCausalLM, Mxfp4Config
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 

@@ -7,6 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from lens_tune.errors import RecipeError
+from lens_tune.files import atomic_write_bytes
 from lens_tune.recipe.schema import LockInfo, Recipe
 
 PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "bitsandbytes", "safetensors", "datasets")
@@ -40,9 +41,7 @@ def write_lock(recipe: Recipe, path: Path) -> None:
     from lens_tune.recipe.load import dump_yaml
 
     header = "# Written by lens-tune: every resolved setting of this run. `lens-tune run` on this file repeats it.\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + dump_yaml(recipe))
-    tmp.replace(path)
+    atomic_write_bytes(path, (header + dump_yaml(recipe)).encode())
 
 
 def check_lock(recipe: Recipe, dataset_fingerprint: str) -> list[str]:

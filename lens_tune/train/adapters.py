@@ -22,15 +22,15 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
 
 from lens_tune.errors import LensTuneError, ModelLoadError
+from lens_tune.files import atomic_write
 from lens_tune.recipe.schema import LoraSettings
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -454,22 +454,6 @@ def _pissa_from_saved(
 # ----------------------------------------------------------------------------------------------------------------
 # Saving and loading folders
 # ----------------------------------------------------------------------------------------------------------------
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary name in the same folder, then rename over `target`: readers never see half a file."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:  # on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(
     transformer: nn.Module,
     folder: str | os.PathLike,
@@ -517,9 +501,9 @@ def save_adapter(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=header))
+    atomic_write(folder / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=header))
     config_json = json.dumps(config_data, indent=2, sort_keys=True) + "\n"
-    _atomic_write(folder / ADAPTER_CONFIG_NAME, lambda tmp: tmp.write_text(config_json, encoding="utf-8"))
+    atomic_write(folder / ADAPTER_CONFIG_NAME, lambda tmp: tmp.write_text(config_json, encoding="utf-8"))
     return folder
 
 

@@ -40,6 +40,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from lens_tune.errors import LensTuneError
+from lens_tune.files import fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -175,14 +176,6 @@ def _step_of(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     with open(path, "xb") as handle:
         handle.write(data)
@@ -276,12 +269,12 @@ def save_checkpoint(
             for file in files:
                 path = Path(root) / file
                 checksums[path.relative_to(tmp).as_posix()] = _sha256_file(path)
-                _fsync_path(path)
+                fsync_path(path)
             for folder in dirs:
-                _fsync_path(Path(root) / folder)
+                fsync_path(Path(root) / folder)
         files = dict(sorted(checksums.items()))
         _write_bytes(tmp / CHECKSUMS_FILE, json.dumps({"format": FORMAT, "files": files}, indent=1).encode())
-        _fsync_path(tmp)
+        fsync_path(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -297,7 +290,7 @@ def save_checkpoint(
             os.rename(aside, final)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_path(checkpoints_dir)
+    fsync_path(checkpoints_dir)
     if aside is not None:
         _remove_tree(aside)
 
@@ -305,7 +298,7 @@ def save_checkpoint(
     for path in list_checkpoints(checkpoints_dir):
         if _step_of(path) not in keep:
             _remove_tree(path)
-    _fsync_path(checkpoints_dir)
+    fsync_path(checkpoints_dir)
     return final
 
 

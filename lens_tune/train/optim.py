@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import logging
 import math
 from collections.abc import Iterable, Iterator
 

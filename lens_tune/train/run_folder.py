@@ -33,12 +33,12 @@ import math
 import os
 import re
 import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from lens_tune.errors import LensTuneError
+from lens_tune.files import atomic_write_bytes
 
 EVENTS_FILE = "events.jsonl"
 STATUS_FILE = "status.json"
@@ -56,14 +56,6 @@ class RunFolderError(LensTuneError):
 
 def _timestamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _json_safe(value: Any) -> Any:
@@ -106,22 +98,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
-
-
-def _write_file_atomically(path: Path, data: bytes, sync_dir: bool) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if sync_dir:
-        _fsync_dir(path.parent)
 
 
 def _is_run_folder(path: Path) -> bool:
@@ -343,7 +319,7 @@ class RunFolder:
                 dropped += 1
                 continue
             kept.append(line + b"\n")
-        _write_file_atomically(self.events_path, b"".join(kept), sync_dir=True)
+        atomic_write_bytes(self.events_path, b"".join(kept), sync_dir=True)
         return dropped
 
     # -- status -----------------------------------------------------------------------------------------------
@@ -358,7 +334,7 @@ class RunFolder:
             raise ValueError(f"unknown run state {state!r}; one of {', '.join(STATES)}")
         status = {"state": state, **fields, "pid": os.getpid(), "updated": time.time()}
         data = (json.dumps(_json_safe(status), ensure_ascii=False, allow_nan=False, indent=1) + "\n").encode("utf-8")
-        _write_file_atomically(self.status_path, data, sync_dir=state != "running")
+        atomic_write_bytes(self.status_path, data, sync_dir=state != "running")
 
     def read_status(self) -> dict:
         return read_status(self._path)
