@@ -282,3 +282,51 @@ def test_adapter_kinds_and_optimizers_train_save_and_reload(tmp_path, overrides)
         load_adapter(again, checkpoint.adapter_dir)
         with torch.no_grad():
             torch.testing.assert_close(again(**inputs).sample, adapted, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Numbers, failures, TensorBoard
+# ---------------------------------------------------------------------------------------------------------------
+SHORT = BASE + "lora: {rank: 4}\ntrain: {steps: 4, optimizer: adamw}\ncheckpoint: {every: 2}\n"
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    import lens_tune.train.loop as loop
+    from lens_tune.train.loop import TrainingStopped
+
+    real, calls = loop.flow_matching_loss, {"n": 0}
+
+    def nan_on(bad):
+        def loss(*args, **kwargs):
+            calls["n"] += 1
+            value = real(*args, **kwargs)
+            return value * float("nan") if bad(calls["n"]) else value
+        return loss
+
+    monkeypatch.setattr(loop, "flow_matching_loss", nan_on(lambda n: n in (2, 3)))
+    _, result = train_in_process(write_recipe(tmp_path / "a", SHORT), "validation.prompts=[]")
+    events, _ = read_events(result.run / "events.jsonl")
+    assert result.state == "finished" and sum(e["event"] == "nonfinite" for e in events) == 2
+    assert len([e for e in events if e["event"] == "step"]) == 4  # skipped attempts are not steps
+
+    calls["n"] = 0
+    monkeypatch.setattr(loop, "flow_matching_loss", nan_on(lambda n: n >= 3))
+    with pytest.raises(TrainingStopped, match="3 consecutive steps had a non-finite loss .*last good checkpoint"):
+        train_in_process(write_recipe(tmp_path / "b", SHORT), "validation.prompts=[]", "train.max_nonfinite_steps=3")
+    run = only_run(tmp_path / "b")
+    status = read_status(run)
+    assert status["state"] == "failed" and "non-finite" in status["error"]
+    events, _ = read_events(run / "events.jsonl")
+    assert events[-1]["event"] == "error" and events[-1]["kind"] == "TrainingStopped"
+
+
+def test_tensorboard_logging(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, result = train_in_process(write_recipe(tmp_path, SHORT), "validation.prompts=[]", "train.tensorboard=true")
+    board = EventAccumulator(str(result.run / "tensorboard"))
+    board.Reload()
+    assert {"loss", "lr", "grad_norm"} <= set(board.Tags()["scalars"])
+    assert [e.step for e in board.Scalars("loss")] == [1, 2, 3, 4]
+    losses = step_losses(result.run)
+    assert [round(e.value, 5) for e in board.Scalars("loss")] == [round(losses[s], 5) for s in (1, 2, 3, 4)]

@@ -175,9 +175,8 @@ class TrainSettings(Section):
     ema: bool = Field(False, description="keep an exponential moving average of the adapter weights")
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per step")
     max_nonfinite_steps: int = Field(20, ge=1, description="consecutive NaN/inf losses that stop the run")
-    compile: bool = Field(False, description="torch.compile the transformer blocks")
     seed: int = Field(0, description="seed for data order, noise and sigma sampling")
-    tensorboard: bool = Field(False, description="also log to TensorBoard in the run folder")
+    tensorboard: bool = Field(False, description="also log loss, lr and grad norm to TensorBoard in RUN/tensorboard (pip install tensorboard)")
 
 
 class ValidationSettings(Section):

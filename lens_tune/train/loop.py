@@ -134,151 +134,179 @@ def train(
     if main:
         run.acquire()
 
-    # -- model, adapter, optimizer ------------------------------------------------------------------------------
-    transformer = load_base(recipe, model_root, device, weights_dtype)
-    torch.manual_seed(settings.seed)  # the adapter's random initialisation (LoRA A) is part of the run's identity
-    params = add_adapter(transformer, recipe.lora)
-    optimizer = build_optimizer(params, settings)
-    scheduler = build_lr_scheduler(optimizer, settings)
-    ema = EMA(params, settings.ema_decay) if settings.ema else None
-    # step: optimizer steps done; attempts: steps tried, skipped non-finite ones included (it indexes the data)
-    step, attempts, nonfinite = 0, 0, 0
-    checkpoint_path = (checkpoint or latest_checkpoint(run.checkpoints_dir)) if resume else None
-    if checkpoint_path is not None:
-        saved = load_checkpoint(checkpoint_path)
-        set_adapter_state_dict(transformer, saved.states["adapter"])
-        optimizer.load_state_dict(saved.states["optimizer"])
-        scheduler.load_state_dict(saved.states["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(saved.states["ema"])
-        step, attempts, nonfinite = (saved.states["trainer"][k] for k in ("step", "attempts", "nonfinite"))
-        if main:
-            run.truncate_events_after(step)
-            run.log_event("resume", step=step, checkpoint=str(checkpoint_path))
-        say(f"resumed from {checkpoint_path} at step {step}")
-    model, optimizer = accelerator.prepare(transformer, optimizer)
-
-    cache = FeatureCache(prepared.cache_dir)
-    stream = MicroBatchStream(prepared.examples, settings.batch_size, settings.seed)
-    config = transformer.config
-    text_shape = (len(config.selected_layer_index), config.enc_hidden_dim)
-    sampler = ValidationSampler(recipe, prepared.prompt_keys, cache, model_root, device) if main else None
-    processes, accumulation = accelerator.num_processes, settings.gradient_accumulation
-    fault_at = fault_injection()
-
-    def write_checkpoint(final: bool = False) -> Path | None:
-        if main:
-            path = save_checkpoint(
-                run.checkpoints_dir, step,
-                write_adapter=lambda folder: save_adapter(transformer, folder, recipe.lora),
-                # the adapter twice: as files other tools read, and as the exact training state resume reads
-                states={"adapter": adapter_state_dict(transformer),
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "ema": ema.state_dict() if ema else None,
-                        "trainer": {"step": step, "attempts": attempts, "nonfinite": nonfinite}},
-                keep_last=recipe.checkpoint.keep_last, protect=[settings.steps],
-            )
-            run.sync()
-            run.log_event("checkpoint", step=step, path=str(path.relative_to(run.path)), final=final)
-        accelerator.wait_for_everyone()
-        return path if main else None
-
-    def render_samples() -> None:
-        if main and recipe.validation.prompts:
-            with (ema.swapped_in() if ema else _nothing()):
-                paths = sampler.render(transformer, run.samples_dir(step))
-            run.log_event("sample", step=step, images=[str(p.relative_to(run.path)) for p in paths])
-        accelerator.wait_for_everyone()
-
-    # -- training -------------------------------------------------------------------------------------------------
-    if main:
-        run.set_status("running", step=step, total_steps=settings.steps)
-        run.log_event("phase", name="training", step=step, total_steps=settings.steps, processes=processes)
-    say(f"== training: {settings.steps} steps, {len(stream)} micro-batches per epoch, batch {settings.batch_size} "
-        f"x accumulation {accumulation} x {processes} process(es); run folder {run.path}")
-    if step == 0 and recipe.validation.before_training:
-        render_samples()
-    progress = tqdm(total=settings.steps, initial=step, desc="training", unit="step", disable=not main)
-    micro_done = 0
-    state = "finished"
-    with StopRequest() as stop:
-        model.train()
-        while step < settings.steps:
-            started = time.perf_counter()
-            total_loss = torch.zeros((), device=device)
-            for micro in range(accumulation):
-                index = (attempts * processes + accelerator.process_index) * accumulation + micro
-                generator = torch.Generator().manual_seed(micro_batch_seed(settings.seed, index))
-                torch.manual_seed(micro_batch_seed(settings.seed, index) + 1)  # adapter dropout
-                batch = load_batch(stream[index], cache, generator, device, weights_dtype, text_shape)
-                tokens = batch.grid[0] * batch.grid[1]
-                sigma = sample_sigmas(settings, len(batch.weights), tokens, generator).to(device)
-                noise = torch.randn(batch.latents.shape, generator=generator).to(device, weights_dtype)
-                sync = micro == accumulation - 1
-                with (_nothing() if sync else accelerator.no_sync(model)), torch.autocast(
-                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                ):
-                    loss = flow_matching_loss(model, batch.latents, batch.text, batch.text_mask, batch.grid,
-                                              batch.weights, sigma, noise) / accumulation
-                    accelerator.backward(loss)
-                total_loss += loss.detach()
-                micro_done += 1
-                if fault_at is not None and micro_done == fault_at:
-                    os.kill(os.getpid(), signal.SIGINT)
-            step_loss = accelerator.reduce(total_loss, reduction="mean").item()
-            attempts += 1
-            if not math.isfinite(step_loss):
-                optimizer.zero_grad(set_to_none=True)
-                nonfinite += 1
-                if main:
-                    run.log_event("nonfinite", step=step, consecutive=nonfinite)
-                if nonfinite >= settings.max_nonfinite_steps:
-                    raise TrainingStopped(
-                        f"{nonfinite} consecutive steps had a non-finite loss (NaN/inf) at step {step}; stopped. "
-                        "Lower train.learning_rate or check the data; the last good checkpoint is in "
-                        f"{run.checkpoints_dir}."
-                    )
-                continue
-            nonfinite = 0
-            grad_norm = (
-                accelerator.clip_grad_norm_(params, settings.max_grad_norm).item() if settings.max_grad_norm else None
-            )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    step = 0
+    try:
+        # -- model, adapter, optimizer ------------------------------------------------------------------------------
+        transformer = load_base(recipe, model_root, device, weights_dtype)
+        torch.manual_seed(settings.seed)  # the adapter's random initialisation (LoRA A) is part of the run's identity
+        params = add_adapter(transformer, recipe.lora)
+        optimizer = build_optimizer(params, settings)
+        scheduler = build_lr_scheduler(optimizer, settings)
+        ema = EMA(params, settings.ema_decay) if settings.ema else None
+        # step: optimizer steps done; attempts: steps tried, skipped non-finite ones included (it indexes the data)
+        step, attempts, nonfinite = 0, 0, 0
+        checkpoint_path = (checkpoint or latest_checkpoint(run.checkpoints_dir)) if resume else None
+        if checkpoint_path is not None:
+            saved = load_checkpoint(checkpoint_path)
+            set_adapter_state_dict(transformer, saved.states["adapter"])
+            optimizer.load_state_dict(saved.states["optimizer"])
+            scheduler.load_state_dict(saved.states["scheduler"])
             if ema is not None:
-                ema.update()
-            step += 1
-            seconds = time.perf_counter() - started
+                ema.load_state_dict(saved.states["ema"])
+            step, attempts, nonfinite = (saved.states["trainer"][k] for k in ("step", "attempts", "nonfinite"))
             if main:
-                run.log_event("step", step=step, loss=step_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                              step_time=seconds, samples_per_s=settings.batch_size * accumulation * processes / seconds,
-                              peak_memory_gib=peak_memory_gib(device))
-                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                progress.update()
-            last = step == settings.steps
-            if step % recipe.validation.every == 0 and not last:
-                render_samples()
-            if (step % recipe.checkpoint.every == 0 or stop.requested) and not last:
-                write_checkpoint()
-            if stop.requested and not last:
-                state = "interrupted"
-                break
-    progress.close()
+                run.truncate_events_after(step)
+                run.log_event("resume", step=step, checkpoint=str(checkpoint_path))
+            say(f"resumed from {checkpoint_path} at step {step}")
+        model, optimizer = accelerator.prepare(transformer, optimizer)
 
-    # -- the end --------------------------------------------------------------------------------------------------
-    if state == "finished":
-        write_checkpoint(final=True)
-        render_samples()
+        cache = FeatureCache(prepared.cache_dir)
+        stream = MicroBatchStream(prepared.examples, settings.batch_size, settings.seed)
+        config = transformer.config
+        text_shape = (len(config.selected_layer_index), config.enc_hidden_dim)
+        sampler = ValidationSampler(recipe, prepared.prompt_keys, cache, model_root, device) if main else None
+        processes, accumulation = accelerator.num_processes, settings.gradient_accumulation
+        fault_at = fault_injection()
+
+        def write_checkpoint(final: bool = False) -> Path | None:
+            if main:
+                path = save_checkpoint(
+                    run.checkpoints_dir, step,
+                    write_adapter=lambda folder: save_adapter(transformer, folder, recipe.lora),
+                    # the adapter twice: as files other tools read, and as the exact training state resume reads
+                    states={"adapter": adapter_state_dict(transformer),
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "ema": ema.state_dict() if ema else None,
+                            "trainer": {"step": step, "attempts": attempts, "nonfinite": nonfinite}},
+                    keep_last=recipe.checkpoint.keep_last, protect=[settings.steps],
+                )
+                run.sync()
+                run.log_event("checkpoint", step=step, path=str(path.relative_to(run.path)), final=final)
+            accelerator.wait_for_everyone()
+            return path if main else None
+
+        def render_samples() -> None:
+            if main and recipe.validation.prompts:
+                with (ema.swapped_in() if ema else _nothing()):
+                    paths = sampler.render(transformer, run.samples_dir(step))
+                run.log_event("sample", step=step, images=[str(p.relative_to(run.path)) for p in paths])
+            accelerator.wait_for_everyone()
+
+        # -- training -------------------------------------------------------------------------------------------------
+        board = tensorboard_writer(run.path) if main and settings.tensorboard else None
         if main:
-            with (ema.swapped_in() if ema else _nothing()):
-                save_adapter(transformer, run.adapter_dir, recipe.lora, metadata={"steps": str(step)})
-    if main:
-        run.set_status(state, step=step, total_steps=settings.steps)
-        run.log_event("phase", name=state, step=step)
-        run.release()
-    accelerator.wait_for_everyone()
-    return RunResult(run.path, step, state)
+            run.set_status("running", step=step, total_steps=settings.steps)
+            run.log_event("phase", name="training", step=step, total_steps=settings.steps, processes=processes)
+        say(f"== training: {settings.steps} steps, {len(stream)} micro-batches per epoch, batch {settings.batch_size} "
+            f"x accumulation {accumulation} x {processes} process(es); run folder {run.path}")
+        if step == 0 and recipe.validation.before_training:
+            render_samples()
+        progress = tqdm(total=settings.steps, initial=step, desc="training", unit="step", disable=not main)
+        micro_done = 0
+        state = "finished"
+        with StopRequest() as stop:
+            model.train()
+            while step < settings.steps:
+                started = time.perf_counter()
+                total_loss = torch.zeros((), device=device)
+                for micro in range(accumulation):
+                    index = (attempts * processes + accelerator.process_index) * accumulation + micro
+                    generator = torch.Generator().manual_seed(micro_batch_seed(settings.seed, index))
+                    torch.manual_seed(micro_batch_seed(settings.seed, index) + 1)  # adapter dropout
+                    batch = load_batch(stream[index], cache, generator, device, weights_dtype, text_shape)
+                    tokens = batch.grid[0] * batch.grid[1]
+                    sigma = sample_sigmas(settings, len(batch.weights), tokens, generator).to(device)
+                    noise = torch.randn(batch.latents.shape, generator=generator).to(device, weights_dtype)
+                    sync = micro == accumulation - 1
+                    with (_nothing() if sync else accelerator.no_sync(model)), torch.autocast(
+                        device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                    ):
+                        loss = flow_matching_loss(model, batch.latents, batch.text, batch.text_mask, batch.grid,
+                                                  batch.weights, sigma, noise) / accumulation
+                        accelerator.backward(loss)
+                    total_loss += loss.detach()
+                    micro_done += 1
+                    if fault_at is not None and micro_done == fault_at:
+                        os.kill(os.getpid(), signal.SIGINT)
+                step_loss = accelerator.reduce(total_loss, reduction="mean").item()
+                attempts += 1
+                if not math.isfinite(step_loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    nonfinite += 1
+                    if main:
+                        run.log_event("nonfinite", step=step, consecutive=nonfinite)
+                    if nonfinite >= settings.max_nonfinite_steps:
+                        raise TrainingStopped(
+                            f"{nonfinite} consecutive steps had a non-finite loss (NaN/inf) at step {step}; stopped. "
+                            "Lower train.learning_rate or check the data; the last good checkpoint is in "
+                            f"{run.checkpoints_dir}."
+                        )
+                    continue
+                nonfinite = 0
+                grad_norm = (
+                    accelerator.clip_grad_norm_(params, settings.max_grad_norm).item() if settings.max_grad_norm else None
+                )
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update()
+                step += 1
+                seconds = time.perf_counter() - started
+                if main:
+                    run.log_event("step", step=step, loss=step_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                                  step_time=seconds, samples_per_s=settings.batch_size * accumulation * processes / seconds,
+                                  peak_memory_gib=peak_memory_gib(device))
+                    if board is not None:
+                        board.add_scalar("loss", step_loss, step)
+                        board.add_scalar("lr", scheduler.get_last_lr()[0], step)
+                        if grad_norm is not None:
+                            board.add_scalar("grad_norm", grad_norm, step)
+                    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                    progress.update()
+                last = step == settings.steps
+                if step % recipe.validation.every == 0 and not last:
+                    render_samples()
+                if (step % recipe.checkpoint.every == 0 or stop.requested) and not last:
+                    write_checkpoint()
+                if stop.requested and not last:
+                    state = "interrupted"
+                    break
+        progress.close()
+        if board is not None:
+            board.close()
+
+        # -- the end --------------------------------------------------------------------------------------------------
+        if state == "finished":
+            write_checkpoint(final=True)
+            render_samples()
+            if main:
+                with (ema.swapped_in() if ema else _nothing()):
+                    save_adapter(transformer, run.adapter_dir, recipe.lora, metadata={"steps": str(step)})
+        if main:
+            run.set_status(state, step=step, total_steps=settings.steps)
+            run.log_event("phase", name=state, step=step)
+            run.release()
+        accelerator.wait_for_everyone()
+        return RunResult(run.path, step, state)
+    except BaseException as error:  # the run folder says what happened, also for the dashboard
+        if main:
+            run.log_event("error", kind=type(error).__name__, message=str(error), step=step)
+            run.set_status("interrupted" if isinstance(error, KeyboardInterrupt) else "failed", step=step,
+                           total_steps=settings.steps, error=str(error))
+            run.release()
+        raise
+
+
+def tensorboard_writer(run_path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise LensTuneError(
+            "train.tensorboard is on but TensorBoard is not installed: pip install tensorboard "
+            "(or set train.tensorboard: false; events.jsonl has the same numbers)."
+        ) from None
+    return SummaryWriter(log_dir=str(run_path / "tensorboard"))
 
 
 def broadcast_path(accelerator, path: Path | None) -> Path:
