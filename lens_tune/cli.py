@@ -111,7 +111,31 @@ def build_parser() -> argparse.ArgumentParser:
                      help="data-parallel processes through `accelerate launch` (default 1)")
     run.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu forces CPU training (default auto)")
     run.set_defaults(handler=run_training)
+
+    merge = commands.add_parser(
+        "merge",
+        help="bake an adapter into the transformer and save a full diffusers-layout transformer",
+        description="Merge an adapter into the base transformer at a given strength and save it (sharded "
+        "safetensors), loadable with LensTransformer2DModel.from_pretrained without adapter code.",
+    )
+    merge.add_argument("adapter", type=Path, help="a run folder (its final adapter), one of its checkpoints, or an adapter folder")
+    merge.add_argument("--model", required=True, help="the base model: 'tiny', a Lens folder or a Hub repo id")
+    merge.add_argument("--revision", help="Hub branch, tag or commit of --model")
+    merge.add_argument("--out", type=Path, required=True, help="folder for the merged transformer")
+    merge.add_argument("--scale", type=float, default=1.0, help="adapter strength to bake in (default 1.0)")
+    merge.set_defaults(handler=run_merge)
     return parser
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    from lens_tune.export.merge import merge_adapter
+    from lens_tune.model.sources import locate_model
+    from lens_tune.train.run_folder import adapter_dir_of
+
+    adapter = adapter_dir_of(args.adapter)
+    out = merge_adapter(adapter, locate_model(args.model, args.revision), args.out, args.scale)
+    print(f"Merged {adapter} (scale {args.scale}) into {out.resolve()}; load it with "
+          f"LensTransformer2DModel.from_pretrained('{out}').")
 
 
 def load(args: argparse.Namespace):

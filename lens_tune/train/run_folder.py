@@ -423,3 +423,18 @@ def latest_run(runs_dir: Path, name: str | None = None) -> Path | None:
     """The newest run folder of run `name` (or of any name), or None."""
     runs = find_runs(runs_dir, name)
     return runs[0] if runs else None
+
+
+def adapter_dir_of(path: Path) -> Path:
+    """The adapter folder meant by `path`: a run folder (its final adapter), one of its checkpoints, or an
+    adapter folder itself."""
+    path = Path(path).expanduser()
+    for candidate in (path / "adapter", path):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    if (path / "checkpoints").is_dir():
+        raise RunFolderError(
+            f"{path} has no final adapter yet (the run did not finish); pass one of its checkpoints, "
+            f"e.g. {path / 'checkpoints' / 'step-000250'}."
+        )
+    raise RunFolderError(f"{path} is not a run folder, a checkpoint or an adapter folder (no adapter_config.json).")

@@ -1,0 +1,1 @@
+"""Export a trained adapter: file formats, the model card and the push to the Hugging Face Hub."""
