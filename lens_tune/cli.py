@@ -124,7 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", type=Path, required=True, help="folder for the merged transformer")
     merge.add_argument("--scale", type=float, default=1.0, help="adapter strength to bake in (default 1.0)")
     merge.set_defaults(handler=run_merge)
+
+    export = commands.add_parser(
+        "export",
+        help="write a run's adapter for diffusers/PEFT and ComfyUI, with a model card; optionally push to the Hub",
+        description="Export the final adapter of a run (or one of its checkpoints) as files other tools load, with "
+        "training metadata in each file and a README.md model card. The Hub token comes from HF_TOKEN or your saved "
+        "login and is never printed or written.",
+    )
+    export.add_argument("path", type=Path, help="a run folder or one of its checkpoints")
+    export.add_argument("--format", default="diffusers,comfyui", help="comma-separated: diffusers, comfyui (default both)")
+    export.add_argument("--out", type=Path, help="export folder (default RUN/export/step-XXXXXX)")
+    export.add_argument("--push-to-hub", metavar="USER/REPO", help="also upload the export folder to this Hub repo")
+    export.add_argument("--private", action="store_true", help="create the Hub repo private")
+    export.add_argument("--revision", help="Hub branch to push to (default main)")
+    export.set_defaults(handler=run_export)
     return parser
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from lens_tune.export.export import export_adapter
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    out = export_adapter(args.path, formats, args.out, args.push_to_hub, args.private, args.revision)
+    print(f"Exported to {out.resolve()}")
 
 
 def run_merge(args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lens_tune import LensPipeline
-from lens_tune.errors import ModelLoadError
+from lens_tune.errors import LensTuneError, ModelLoadError
 from tests.conftest import GOLDEN
 
 CALLS = ["square_cfg4", "nonsquare_g1", "batch2_negprompt", "images_per_prompt2"]
@@ -112,7 +112,7 @@ def test_load_lora_weights_matches_reference_and_stacks(golden_lora):
         torch.testing.assert_close(run(), golden_lora["expected_no_lora"], atol=1e-4, rtol=0)
     with pytest.raises(ModelLoadError, match="No pytorch_lora_weights.safetensors"):
         pipe.load_lora_weights(GOLDEN / "pipeline")
-    with pytest.raises(ModelLoadError, match="no PEFT LoRA keys"):
+    with pytest.raises(LensTuneError, match="unknown adapter key layout"):
         pipe.load_lora_weights(GOLDEN / "transformer" / "diffusion_pytorch_model.safetensors")
 
 

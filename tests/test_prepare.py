@@ -140,17 +140,21 @@ def test_text_encoder_is_released_before_the_latent_phase(workspace, monkeypatch
     import lens_tune.model.latents as latents
     from lens_tune.model.text_encoder import LensGptOssEncoder
 
+    def encoders_alive() -> int:
+        gc.collect()
+        return sum(isinstance(o, LensGptOssEncoder) for o in gc.get_objects())
+
+    before = encoders_alive()  # other tests' objects may still be around; prepare must add none
     alive_during_vae = []
     real_load_vae = latents.load_vae
 
     def spy(*args, **kwargs):
-        gc.collect()
-        alive_during_vae.append(sum(isinstance(o, LensGptOssEncoder) for o in gc.get_objects()))
+        alive_during_vae.append(encoders_alive())
         return real_load_vae(*args, **kwargs)
 
     monkeypatch.setattr(latents, "load_vae", spy)
     prepare(recipe_of(workspace))
-    assert alive_during_vae == [0]
+    assert alive_during_vae == [before]
 
 
 def test_bad_images_are_listed_together_or_skipped(workspace):

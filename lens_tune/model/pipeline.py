@@ -152,11 +152,11 @@ class LensPipeline(DiffusionPipeline):
     # LoRA adapters (diffusers/PEFT format)
     # ------------------------------------------------------------------------------------------------------------
     def load_lora_weights(self, path: str | Path, adapter_name: str | None = None, scale: float = 1.0) -> str:
-        """Load a PEFT/diffusers LoRA (a .safetensors file or a folder holding one) into the transformer.
+        """Load a LoRA into the transformer: a .safetensors file or a folder holding one, in the diffusers/PEFT
+        layout (bare or `transformer.` keys), the ComfyUI layout (`diffusion_model.` keys with `.alpha`), or the
+        kohya layout other Lens trainers write (`lora_unet_...lora_down/lora_up`).
 
-        Keys may be bare (`transformer_blocks.0.attn.img_qkv.lora_A.weight`, as `save_lora_adapter` writes) or
-        carry the `transformer.` prefix. Every loaded adapter stays active, each with its own scale; returns the
-        adapter's name.
+        Every loaded adapter stays active, each with its own scale; returns the adapter's name.
         """
         file = Path(path).expanduser()
         if file.is_dir():
@@ -164,17 +164,19 @@ class LensPipeline(DiffusionPipeline):
             if not candidates:
                 raise ModelLoadError(f"No {' or '.join(LORA_WEIGHT_NAMES)} in {file}.")
             file = candidates[0]
-        keys = list(loading.read_safetensors([file]))
-        if not any(".lora_A." in k or ".lora_B." in k for k in keys):
-            raise ModelLoadError(
-                f"{file} has no PEFT LoRA keys (`*.lora_A.weight` / `*.lora_B.weight`); first keys: "
-                f"{', '.join(keys[:3])}. load_lora_weights reads adapters in the diffusers/PEFT format."
-            )
-        prefix = "transformer" if all(k.startswith("transformer.") for k in keys) else None
         name = adapter_name or f"adapter_{len(self._adapter_scales)}"
         if name in self._adapter_scales:
             raise ValueError(f"An adapter named '{name}' is already loaded; pick another adapter_name.")
-        self.transformer.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=prefix, adapter_name=name)
+        keys = list(loading.read_safetensors([file]))
+        peft_keys = any(".lora_A." in k or ".lora_B." in k for k in keys)
+        if peft_keys and not any(k.startswith("diffusion_model.") for k in keys):
+            prefix = "transformer" if all(k.startswith("transformer.") for k in keys) else None
+            self.transformer.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=prefix, adapter_name=name)
+        else:
+            from lens_tune.export.formats import read_adapter_file
+
+            state, _ = read_adapter_file(file, [n for n, _ in self.transformer.named_modules()])
+            self.transformer.load_lora_adapter(state, prefix=None, adapter_name=name)  # scale folded in: alpha = rank
         self._adapter_scales[name] = float(scale)
         self.set_adapters(list(self._adapter_scales), list(self._adapter_scales.values()))
         return name
