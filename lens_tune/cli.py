@@ -306,8 +306,9 @@ def run_training(args: argparse.Namespace) -> None:
         f"  adapter:     {result.run / 'adapter'}\n"
         f"  samples:     {result.run / 'samples'}\n"
         f"  checkpoints: {result.run / 'checkpoints'}\n"
-        "Next, try the adapter:\n"
-        f"  lens-tune sample --model {recipe.model.source} --adapter {result.run / 'adapter'} --prompt \"...\" --out samples/"
+        "Next:\n"
+        f"  lens-tune sample --model {recipe.model.source} --adapter {result.run / 'adapter'} --prompt \"...\" --out samples/\n"
+        f"  lens-tune export {result.run}"
     )
 
 
