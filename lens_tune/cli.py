@@ -40,6 +40,11 @@ def _int_in(low: int, high: int):
     return parse
 
 
+def add_recipe_arguments(command: argparse.ArgumentParser, help_text: str, optional: bool = False) -> None:
+    command.add_argument("recipe", type=Path, nargs="?" if optional else None, help=help_text)
+    command.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.steps=500")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lens-tune",
@@ -81,8 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load a recipe (with extends and overrides), check it and its data sources, print the resolved "
         "recipe. Loads no model weights.",
     )
-    validate.add_argument("recipe", type=Path, nargs="?", help="the recipe YAML (optional with --explain)")
-    validate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as train.steps=500")
+    add_recipe_arguments(validate, "the recipe YAML (optional with --explain)", optional=True)
     validate.add_argument("--explain", action="store_true", help="list every recipe field with its default and meaning")
     validate.set_defaults(handler=run_validate)
 
@@ -92,8 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check the images, generate missing class images, and fill the text-feature and latent caches. "
         "Unchanged items are reused from earlier runs.",
     )
-    cache.add_argument("recipe", type=Path, help="the recipe YAML")
-    cache.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as data.trigger=zwx")
+    add_recipe_arguments(cache, "the recipe YAML")
     cache.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     cache.set_defaults(handler=run_cache)
 
@@ -103,8 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train an adapter as the recipe says. Ctrl-C finishes the current step, writes a checkpoint and "
         "prints the command that resumes.",
     )
-    run.add_argument("recipe", type=Path, help="the recipe YAML (or a run's recipe.lock.yaml)")
-    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides such as train.steps=500")
+    add_recipe_arguments(run, "the recipe YAML (or a run's recipe.lock.yaml)")
     run.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
                      help="continue a run: its folder or one of its checkpoints (alone: the newest run of this recipe)")
     run.add_argument("--num-processes", type=_int_in(1, 64), default=1,
