@@ -83,3 +83,22 @@ def test_export_and_push(trained_run, tmp_path, monkeypatch):
     local = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert received == local
     assert all(token.encode() not in data for data in local.values())
+
+
+@pytest.mark.parametrize("name", ["pytorch_lora_weights.safetensors", "lens_comfyui.safetensors"])
+def test_training_continues_from_an_exported_file(trained_run, tmp_path, name):
+    from lens_tune import LensTransformer2DModel
+    from lens_tune.model.tiny import tiny_pipeline_dir
+    from lens_tune.recipe.schema import LoraSettings
+    from lens_tune.train.adapters import add_adapter, load_adapter
+
+    out = tmp_path / "export"
+    assert main(["export", str(trained_run), "--out", str(out)]) == 0
+    reference = LensTransformer2DModel.from_pretrained(tiny_pipeline_dir() / "transformer")
+    load_adapter(reference, trained_run / "adapter")
+    continued = LensTransformer2DModel.from_pretrained(tiny_pipeline_dir() / "transformer")
+    add_adapter(continued, LoraSettings(rank=4, alpha=2.0, init_from=out / name))  # another alpha: rescaled
+    torch.testing.assert_close(outputs(continued), outputs(reference), atol=1e-5, rtol=1e-5)
+    with pytest.raises(Exception, match="set lora.rank: 4"):
+        add_adapter(LensTransformer2DModel.from_pretrained(tiny_pipeline_dir() / "transformer"),
+                    LoraSettings(rank=8, init_from=out / name))

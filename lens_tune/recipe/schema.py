@@ -151,7 +151,7 @@ class LoraSettings(Section):
         "attention-mlp", description="attention | attention-mlp | all (adds img_mod/txt_mod) | a list of module names"
     )
     blocks: list[int] | None = Field(None, description="indices of transformer blocks to adapt (null: all 48)")
-    init_from: Path | None = Field(None, description="an existing adapter to continue training")
+    init_from: Path | None = Field(None, description="an adapter to continue training: a lens-tune adapter folder, or a diffusers, ComfyUI or kohya LoRA file")
 
 
 class TrainSettings(Section):

@@ -291,13 +291,35 @@ def add_adapter(transformer: nn.Module, lora: LoraSettings, adapter_name: str = 
 
     if lora.init_from is not None:
         try:
-            saved_config, state, _, source = _read_adapter_folder(Path(lora.init_from))
-            _check_same_kind(saved_config, config, source)
-            set_adapter_state_dict(transformer, state, adapter_name, source=source)
+            source = Path(lora.init_from)
+            if (source / "adapter_config.json").is_file():
+                saved_config, state, _, source = _read_adapter_folder(source)
+                _check_same_kind(saved_config, config, source)
+            else:
+                state = _exported_lora_state(transformer, source, lora)
+            set_adapter_state_dict(transformer, state, adapter_name, source=str(source))
         except BaseException:
             _remove_adapter(transformer, adapter_name)  # leave the model as it was
             raise
     return params
+
+
+def _exported_lora_state(transformer: nn.Module, path: Path, lora: LoraSettings) -> dict[str, torch.Tensor]:
+    """A LoRA file in another layout (diffusers, ComfyUI, kohya) as this recipe's adapter state: the file's scale
+    is folded into lora_B by the importer, so divide it by the recipe's scale to keep the same outputs."""
+    from lens_tune.export.formats import read_adapter_file
+
+    if lora.type != "lora":
+        raise LensTuneError(
+            f"lora.init_from {path}: continuing from a diffusers/ComfyUI/kohya file works for lora.type: lora; for "
+            f"{lora.type} pass the adapter folder lens-tune wrote (RUN/adapter or a checkpoint's adapter/)."
+        )
+    state, info = read_adapter_file(path, [name for name, _ in transformer.named_modules()])
+    if info["rank"] != lora.rank:
+        raise LensTuneError(f"lora.init_from {path} has rank {info['rank']}; set lora.rank: {info['rank']} to continue it.")
+    alpha = lora.alpha if lora.alpha is not None else lora.rank
+    scale = alpha / math.sqrt(lora.rank) if lora.rslora else alpha / lora.rank
+    return {k: v / scale if ".lora_B." in k else v for k, v in state.items()}
 
 
 def _pissa_initial(transformer: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
