@@ -8,6 +8,7 @@ sampling and writing happen on the main process only.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 import os
 import signal
 import sys
@@ -187,7 +188,7 @@ def train(
 
         def render_samples() -> None:
             if main and recipe.validation.prompts:
-                with (ema.swapped_in() if ema else _nothing()):
+                with (ema.swapped_in() if ema else nullcontext()):
                     paths = sampler.render(transformer, run.samples_dir(step))
                 run.log_event("sample", step=step, images=[str(p.relative_to(run.path)) for p in paths])
             accelerator.wait_for_everyone()
@@ -218,7 +219,7 @@ def train(
                     sigma = sample_sigmas(settings, len(batch.weights), tokens, generator).to(device)
                     noise = torch.randn(batch.latents.shape, generator=generator).to(device, weights_dtype)
                     sync = micro == accumulation - 1
-                    with (_nothing() if sync else accelerator.no_sync(model)), torch.autocast(
+                    with (nullcontext() if sync else accelerator.no_sync(model)), torch.autocast(
                         device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
                     ):
                         loss = flow_matching_loss(model, batch.latents, batch.text, batch.text_mask, batch.grid,
@@ -281,7 +282,7 @@ def train(
             write_checkpoint(final=True)
             render_samples()
             if main:
-                with (ema.swapped_in() if ema else _nothing()):
+                with (ema.swapped_in() if ema else nullcontext()):
                     save_adapter(transformer, run.adapter_dir, recipe.lora, metadata={"steps": str(step)})
         if main:
             run.set_status(state, step=step, total_steps=settings.steps)
@@ -320,11 +321,3 @@ def broadcast_path(accelerator, path: Path | None) -> Path:
 
 def peak_memory_gib(device: torch.device) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
