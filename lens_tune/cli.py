@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--revision", help="Hub branch, tag or commit of --model")
     sample.add_argument("--prompt", required=True, help="what to draw")
     sample.add_argument("--negative", default="", help="negative prompt (default: none)")
-    sample.add_argument("--adapter", type=Path, help="a LoRA adapter file or folder (diffusers/PEFT format)")
+    sample.add_argument("--adapter", type=Path, help="an adapter file or folder: diffusers/PEFT, ComfyUI or kohya layout; "
+                        "LoRA, DoRA, LoHa or LoKr")
     sample.add_argument("--adapter-scale", type=float, default=1.0, help="strength of --adapter (default 1.0)")
     sample.add_argument("--seed", type=int, default=0, help="random seed (default 0); image i uses the same generator")
     sample.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=20, help="sampling steps (default 20)")
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         "login and is never printed or written.",
     )
     export.add_argument("path", type=Path, help="a run folder or one of its checkpoints")
-    export.add_argument("--format", default="diffusers,comfyui", help="comma-separated: diffusers, comfyui (default both)")
+    export.add_argument("--format", help="comma-separated: diffusers, comfyui (default: every format that can carry "
+                        "the adapter: both for LoRA, diffusers for DoRA, comfyui for LoKr/LoHa)")
     export.add_argument("--out", type=Path, help="export folder (default RUN/export/step-XXXXXX)")
     export.add_argument("--push-to-hub", metavar="USER/REPO", help="also upload the export folder to this Hub repo")
     export.add_argument("--private", action="store_true", help="create the Hub repo private")
@@ -147,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_export(args: argparse.Namespace) -> None:
     from lens_tune.export.export import export_adapter
 
-    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    formats = [f.strip() for f in args.format.split(",") if f.strip()] if args.format else None
     out = export_adapter(args.path, formats, args.out, args.push_to_hub, args.private, args.revision)
     print(f"Exported to {out.resolve()}")
 

@@ -102,3 +102,30 @@ def test_training_continues_from_an_exported_file(trained_run, tmp_path, name):
     with pytest.raises(Exception, match="set lora.rank: 4"):
         add_adapter(LensTransformer2DModel.from_pretrained(tiny_pipeline_dir() / "transformer"),
                     LoraSettings(rank=8, init_from=out / name))
+
+
+def test_lokr_run_exports_the_formats_that_carry_it(tmp_path, capsys):
+    """A LoKr run: the default export writes the ComfyUI file only and says why; asking for diffusers is refused
+    with the formats that work; the ComfyUI file loads back (pipeline) with the run's own outputs."""
+    from lens_tune.model.pipeline import LensPipeline
+    from lens_tune.model.tiny import tiny_pipeline_dir
+    from lens_tune.train.adapters import load_adapter
+
+    body = BASE + "lora: {type: lokr, rank: 4, alpha: 2}\ntrain: {steps: 2, optimizer: adamw, learning_rate: 1.0e-2}\n"
+    _, result = train_in_process(write_recipe(tmp_path, body), "validation.before_training=false")
+    out = tmp_path / "export"
+    assert main(["export", str(result.run), "--out", str(out)]) == 0
+    assert "lokr adapter: writing comfyui only (diffusers cannot carry it)" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["lens_comfyui.safetensors"]
+    assert main(["export", str(result.run), "--out", str(tmp_path / "d"), "--format", "diffusers"]) == 2
+    assert "LOKR adapters can be exported as: comfyui" in capsys.readouterr().err
+    assert not list((tmp_path / "d").glob("*.safetensors"))
+
+    pipe = LensPipeline.from_pretrained(tiny_pipeline_dir())
+    base = outputs(pipe.transformer)
+    pipe.load_lora_weights(out / "lens_comfyui.safetensors")
+    reference = LensPipeline.from_pretrained(tiny_pipeline_dir()).transformer
+    load_adapter(reference, result.run / "adapter")
+    expected = outputs(reference)
+    assert (expected - base).abs().max() > 1e-4
+    torch.testing.assert_close(outputs(pipe.transformer), expected, atol=1e-5, rtol=1e-5)

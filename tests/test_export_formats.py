@@ -179,21 +179,79 @@ def _comfy_delta(state, module, kind):
 
 
 @pytest.mark.parametrize("kind", ["lokr", "loha"])
-def test_lycoris_comfyui_export(kind, tmp_path):
-    model, _ = make_adapter(kind, tmp_path / "adapter")
+def test_lycoris_comfyui_export_and_import(kind, tmp_path):
+    from lens_tune.model.pipeline import LensPipeline
+
+    model, expected = make_adapter(kind, tmp_path / "adapter")
     file = export_comfyui(tmp_path / "adapter", tmp_path / "x.safetensors", {})
     state = load_file(str(file))
     modules = {k[len("diffusion_model."):].rsplit(".", 1)[0] for k in state}
     assert modules == set(A._adapted_modules(model, "default"))
+    base = dict(tiny().named_parameters())
     for module in modules:
         layer = model.get_submodule(module)
         delta = layer.get_delta_weight("default")
-        assert delta.abs().max() > 1e-3
+        assert delta.abs().max() > 1e-3 and delta.shape == base[f"{module}.weight"].shape
         torch.testing.assert_close(_comfy_delta(state, module, kind), delta, **TOL)
-    with pytest.raises(LensTuneError, match="LoHa/LoKr"):
-        read_adapter_file(file)
+    if kind == "lokr":  # rank 4 on the tiny widths: some modules split w2 (lokr_w2_a/b), others keep it full
+        assert any(k.endswith(".lokr_w2_a") for k in state) and any(k.endswith(".lokr_w2") for k in state)
     with pytest.raises(LensTuneError, match="diffusers"):
         export_diffusers(tmp_path / "adapter", tmp_path / "d", {})
+
+    # back through our importer (the ComfyUI file and our own folder), our pipeline and a continued training
+    for source in (file, tmp_path / "adapter"):
+        imported, info = read_adapter_file(source)
+        assert info["type"] == kind and info["format"] == ("comfyui" if source == file else "peft")
+        assert set(info["targets"]) == modules
+        other = tiny()
+        A.load_adapter_state(other, info["config"], imported, "default", source=str(source))
+        torch.testing.assert_close(run(other), expected, **TOL)
+    pipe = LensPipeline(**copy.deepcopy(_components()))
+    pipe.load_lora_weights(file, adapter_name="x", scale=0.5)
+    layer = pipe.transformer.get_submodule("transformer_blocks.0.attn.img_qkv")
+    half = layer.get_delta_weight("x")
+    pipe.set_adapters("x", 1.0)
+    torch.testing.assert_close(run(pipe.transformer), expected, **TOL)
+    torch.testing.assert_close(half * 2, layer.get_delta_weight("x"), **TOL)  # the scale reaches LoHa/LoKr layers
+    continued = tiny()
+    A.add_adapter(continued, LoraSettings(type=kind, rank=4, alpha=1, targets="all", init_from=file))
+    torch.testing.assert_close(run(continued), expected, **TOL)
+
+
+def test_lycoris_files_of_other_trainers(tmp_path):
+    """kohya/LyCORIS-style files (`lora_unet_` names, an alpha, decomposed factors) load with ComfyUI's scale."""
+    model, _ = make_adapter("lokr", tmp_path / "adapter")
+    from peft.tuners.lokr.layer import factorization
+
+    module = "transformer_blocks.0.attn.img_qkv"
+    weight = dict(model.named_parameters())[f"{module}.base_layer.weight"]
+    (l, k), (m, n) = factorization(weight.shape[0]), factorization(weight.shape[1])
+    assert 2 < max(k, n) / 2  # PEFT splits w2 at rank 2
+    gen = torch.Generator().manual_seed(5)
+    w1 = torch.randn(l, m, generator=gen)
+    w2_a, w2_b = torch.randn(k, 2, generator=gen), torch.randn(2, n, generator=gen)
+    name = "lora_unet_" + module.replace(".", "_")
+    save_file({f"{name}.lokr_w1": w1, f"{name}.lokr_w2_a": w2_a, f"{name}.lokr_w2_b": w2_b,
+               f"{name}.alpha": torch.tensor(1.0)}, str(tmp_path / "lokr.safetensors"))
+    state, info = read_adapter_file(tmp_path / "lokr.safetensors")
+    assert info["type"] == "lokr" and info["format"] == "kohya" and info["ranks"] == {module: 2}
+    other = tiny()
+    A.load_adapter_state(other, info["config"], state, "default", source="lokr")
+    layer = other.get_submodule(module)
+    expected = torch.kron(w1, w2_a @ w2_b) * (1.0 / 2)  # ComfyUI: alpha / rank of the decomposed factor
+    torch.testing.assert_close(layer.get_delta_weight("default"), expected, **TOL)
+    assert expected.shape == weight.shape
+
+    # a factor split PEFT would never make (w2 decomposed at a rank where PEFT keeps it full) is refused
+    w2_a, w2_b = torch.randn(k, max(k, n), generator=gen), torch.randn(max(k, n), n, generator=gen)
+    save_file({f"{name}.lokr_w1": w1, f"{name}.lokr_w2_a": w2_a, f"{name}.lokr_w2_b": w2_b},
+              str(tmp_path / "odd.safetensors"))
+    with pytest.raises(LensTuneError, match="factor layout PEFT does not create"):
+        read_adapter_file(tmp_path / "odd.safetensors")
+    save_file({f"{name}.hada_w1_a": torch.zeros(l * k, 2), f"{name}.hada_w1_b": torch.zeros(2, m * n)},
+              str(tmp_path / "loha.safetensors"))
+    with pytest.raises(LensTuneError, match="LoHa module .* lacks hada_w2_a, hada_w2_b"):
+        read_adapter_file(tmp_path / "loha.safetensors")
 
 
 def test_refusals(tmp_path):

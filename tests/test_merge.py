@@ -18,7 +18,7 @@ def inputs():
                 timestep=torch.tensor([0.3, 0.8]), img_shapes=[(1, 4, 4)])
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "loha"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr"])
 @pytest.mark.parametrize("scale", [1.0, 0.5])
 def test_merged_model_matches_adapter_at_scale(tmp_path, kind, scale):
     model = LensTransformer2DModel.from_pretrained(tiny_pipeline_dir() / "transformer")

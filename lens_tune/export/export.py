@@ -14,6 +14,8 @@ from typing import Any
 from lens_tune.errors import LensTuneError
 
 FORMATS = ("diffusers", "comfyui")
+# diffusers' LoRA loader reads LoRA and DoRA; ComfyUI's DoRA handling is unverified (see formats._DORA_REFUSAL)
+CARRIED_BY = {"lora": FORMATS, "dora": ("diffusers",), "lokr": ("comfyui",), "loha": ("comfyui",)}
 COMFYUI_FILE = "lens_comfyui.safetensors"
 
 
@@ -76,10 +78,11 @@ def export_metadata(recipe, adapter: dict[str, str], steps: int, base_sha256: st
 
 
 def export_adapter(
-    path: Path, formats: list[str], out_dir: Path | None = None, push_to: str | None = None, private: bool = True,
+    path: Path, formats: list[str] | None, out_dir: Path | None = None, push_to: str | None = None, private: bool = True,
     revision: str | None = None, log=print,
 ) -> Path:
-    """Export the adapter meant by `path` (run folder or checkpoint) and return the export folder."""
+    """Export the adapter meant by `path` (run folder or checkpoint) and return the export folder. `formats`
+    None: every format that can carry the adapter's kind (see CARRIED_BY)."""
     from lens_tune.export.card import write_model_card
     from lens_tune.export.formats import export_comfyui, export_diffusers
     from lens_tune.model.sources import locate_model
@@ -87,10 +90,17 @@ def export_adapter(
     from lens_tune.recipe.schema import Recipe
     from lens_tune.train.run_folder import adapter_dir_of
 
-    unknown = sorted(set(formats) - set(FORMATS))
+    unknown = sorted(set(formats or ()) - set(FORMATS))
     if unknown:
         raise LensTuneError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
     adapter_dir = adapter_dir_of(path)
+    facts = adapter_facts(adapter_dir)
+    carried = CARRIED_BY[facts["type"]]
+    if formats is None:  # every format that can carry this kind of adapter
+        skipped = [f for f in FORMATS if f not in carried]
+        if skipped:
+            log(f"{facts['type']} adapter: writing {', '.join(carried)} only ({', '.join(skipped)} cannot carry it)")
+        formats = list(carried)
     run = run_of(adapter_dir)
     recipe = load_recipe(run / "recipe.lock.yaml", Recipe)
     try:
@@ -99,11 +109,11 @@ def export_adapter(
         model_root = None  # the base is not here: export without its hash
     steps = int(adapter_dir.parent.name.removeprefix("step-")) if adapter_dir.parent.name.startswith("step-") \
         else recipe.train.steps
-    metadata = export_metadata(recipe, adapter_facts(adapter_dir), steps, weights_sha256(model_root))
+    metadata = export_metadata(recipe, facts, steps, weights_sha256(model_root))
 
     out_dir = out_dir or run / "export" / f"step-{steps:06d}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    if "diffusers" in formats:
+    if "diffusers" in formats:  # refuses kinds it cannot carry before anything is written
         log(f"diffusers/PEFT: {export_diffusers(adapter_dir, out_dir, metadata)}")
     if "comfyui" in formats:
         log(f"ComfyUI / stable-diffusion.cpp: {export_comfyui(adapter_dir, out_dir / COMFYUI_FILE, metadata)}")

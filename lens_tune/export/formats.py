@@ -13,8 +13,9 @@ Exports (from a folder that `save_adapter` wrote):
   ComfyUI's weight adapters read. DoRA is refused (see `_DORA_REFUSAL`).
 
 `read_adapter_file` reads our PEFT folder/file, the two exports above and kohya-style files
-(`lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`, also `lora_unet__`) and returns a
-PEFT state dict whose scale is folded into lora_B, to load as a LoRA with alpha = rank.
+(`lora_unet_<module with _>.lora_down.weight` / `.lora_up.weight` / `.alpha`, also `lora_unet__`), LoHa and LoKr
+included, and returns a PEFT state dict whose scale is folded into the first factor plus the PEFT config to load it
+with (scale 1: alpha = rank).
 
 No path is written into any header: only the adapter config (with `base_model_name_or_path` cleared), our lora
 settings (with `init_from` cleared) and the caller's metadata strings.
@@ -45,7 +46,9 @@ FORMATS = ("peft", "diffusers", "comfyui", "kohya")
 _SUPPORTED = (
     "our PEFT folder/file (`transformer_blocks.0.attn.img_qkv.lora_A.weight`), diffusers "
     "(`transformer.<module>.lora_A.weight`), ComfyUI / stable-diffusion.cpp (`diffusion_model.<module>.lora_A.weight` "
-    "+ `.alpha`), kohya (`lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`, also `lora_unet__`)"
+    "+ `.alpha`), kohya (`lora_unet_<module>.lora_down.weight` / `.lora_up.weight` / `.alpha`, also `lora_unet__`); "
+    "LoHa (`.hada_w1_a/.hada_w1_b/.hada_w2_a/.hada_w2_b` + `.alpha`) and LoKr (`.lokr_w1[_a/_b]/.lokr_w2[_a/_b]`) "
+    "under any of those prefixes (also `lycoris_`)"
 )
 _DORA_REFUSAL = (
     "DoRA adapters can be exported as: diffusers (PEFT). The ComfyUI / stable-diffusion.cpp export refuses DoRA: "
@@ -172,8 +175,9 @@ def export_diffusers(adapter_dir, out_dir, metadata: dict[str, str] | None = Non
     kind = _kind(config)
     if kind not in ("lora", "dora"):
         raise LensTuneError(
-            f"{kind.upper()} adapters can be exported as: diffusers (PEFT) only via the adapter folder itself "
-            f"(load it with lens_tune's load_adapter or PEFT), or comfyui. diffusers' load_lora_adapter reads LoRA/DoRA."
+            f"{kind.upper()} adapters can be exported as: comfyui (LyCORIS names, read by ComfyUI and by "
+            "LensPipeline.load_lora_weights). The diffusers format refuses them: diffusers' load_lora_adapter reads "
+            "LoRA and DoRA only. The run's adapter/ folder (PEFT) also loads as it is."
         )
     config = dict(config)
     config["base_model_name_or_path"] = None
@@ -308,9 +312,12 @@ def _kohya_resolver(module_names: Iterable[str] | None):
     return resolve
 
 
-_SUFFIXES = {
-    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_down.weight": "A", ".lora_up.weight": "B", ".alpha": "alpha",
-}
+# The tensors of one adapted module, by key suffix: LoRA (PEFT and kohya names) and the LyCORIS names ComfyUI reads.
+_LORA_PARTS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_down.weight": "A", ".lora_up.weight": "B"}
+_LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+_LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+_SUFFIXES = {**_LORA_PARTS, ".alpha": "alpha", **{f".{n}": n for n in _LOHA_PARTS + _LOKR_PARTS}}
+_UNDERSCORE_PREFIXES = ("lora_unet_", "lycoris_")  # kohya / LyCORIS trainers: module path with `_` for `.`
 
 
 def _split(key: str) -> tuple[str, str] | None:
@@ -328,15 +335,79 @@ def _unknown(file, keys: list[str], why: str = "") -> LensTuneError:
     )
 
 
-def read_adapter_file(path, module_names: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a LoRA in any supported layout; return (PEFT state dict, info).
+def _by_module(file, state, keys, module_names) -> tuple[str, dict[tuple[str, str], torch.Tensor]]:
+    """(format, {(module path, part): tensor}) of a file in any supported key layout."""
+    renamed = {}
+    underscore = next((p for p in _UNDERSCORE_PREFIXES if all(k.startswith(p) for k in keys)), None)
+    if underscore:
+        resolve = _kohya_resolver(module_names)
+        for k in keys:
+            split = _split(k)
+            if split is None:
+                raise _unknown(file, keys, f"unexpected kohya tensor {k}")
+            module = resolve(split[0][len(underscore):].lstrip("_"))
+            if module is None:
+                raise _unknown(file, keys, f"no transformer module matches {split[0]}")
+            renamed[(module, split[1])] = state[k]
+        return "kohya", renamed
+    fmt, prefix = None, ""
+    if all(k.startswith("diffusion_model.") for k in keys):
+        fmt, prefix = "comfyui", "diffusion_model."
+    elif all(k.startswith("transformer.") for k in keys):
+        fmt, prefix = "diffusers", "transformer."
+    elif all(k.split(".", 1)[0] in {n.split(".")[0] for n in lens_module_names()} for k in keys):
+        fmt = "peft"
+    if fmt is None:
+        raise _unknown(file, keys)
+    for k in keys:
+        split = _split(k[len(prefix):])
+        if split is None:
+            raise _unknown(file, keys, f"unexpected tensor {k}")
+        renamed[split] = state[k]
+    return fmt, renamed
 
-    The state dict has `<module>.lora_A.weight` [r, in] and `<module>.lora_B.weight` [out, r] with the file's scale
-    (alpha / rank, or PEFT's rsLoRA alpha / sqrt(rank)) folded into lora_B: load it as a LoRA with alpha = rank.
-    info: format (peft | diffusers | comfyui | kohya), rank (int when every module has the same rank, else None),
-    ranks (module -> rank), alpha (= rank after folding when uniform), source_alpha (the file's alphas, module ->
-    alpha; None where the file had none), targets (module paths). `module_names` are the transformer's module names
-    (default: the Lens transformer's), used to map kohya's underscore names back to module paths.
+
+def _saved_config(file: Path, header: dict[str, str]) -> dict[str, Any]:
+    """The PEFT config a peft/diffusers file carries in its header or beside it ({} when none)."""
+    config: dict[str, Any] = {}
+    if LORA_ADAPTER_METADATA_KEY in header:
+        config = json.loads(header[LORA_ADAPTER_METADATA_KEY])
+    elif (file.parent / ADAPTER_CONFIG_NAME).is_file():
+        config = json.loads((file.parent / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+    if config and all(k.startswith("transformer.") for k in config):
+        config = {k[len("transformer."):]: v for k, v in config.items()}
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise LensTuneError(f"{file}: rank_pattern/alpha_pattern are not supported by read_adapter_file.")
+    return config
+
+
+def _uniform_config(peft_type: str, ranks: dict[str, int], extra: dict[str, Any]) -> dict[str, Any]:
+    """A PEFT config (as a dict) for `ranks` (module -> rank) whose scale is 1 everywhere: alpha = rank, the most
+    common rank as `r` and the other modules in rank_pattern/alpha_pattern (full module paths)."""
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    r = max(counts, key=lambda v: (counts[v], v))
+    pattern = {m: v for m, v in ranks.items() if v != r}
+    alpha_key = "lora_alpha" if peft_type == "LORA" else "alpha"
+    return {
+        "peft_type": peft_type, "r": r, alpha_key: r, "target_modules": sorted(ranks),
+        "rank_pattern": pattern, "alpha_pattern": dict(pattern), **extra,
+    }
+
+
+def read_adapter_file(path, module_names: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read an adapter file in any supported layout; return (PEFT state dict, info).
+
+    LoRA: the state dict has `<module>.lora_A.weight` [r, in] and `<module>.lora_B.weight` [out, r] with the file's
+    scale (alpha / rank, or PEFT's rsLoRA alpha / sqrt(rank)) folded into lora_B. LoHa / LoKr (the LyCORIS names
+    ComfyUI reads, or our PEFT folder): PEFT's `hada_*` / `lokr_*` tensors with the scale folded into the first factor
+    (hada_w1_a, lokr_w1 or lokr_w1_a). Either way load it with `info["config"]`, whose scale is 1 (alpha = rank).
+    info: type (lora | loha | lokr), config (PEFT config dict), format (peft | diffusers | comfyui | kohya), rank
+    (int when every module has the same rank, else None), ranks (module -> rank), alpha (= rank after folding when
+    uniform), source_alpha (the file's alphas, module -> alpha; None where the file had none), targets (module
+    paths). `module_names` are the transformer's module names (default: the Lens transformer's), used to map
+    kohya's underscore names back to module paths.
     """
     file = _weights_file(Path(path))
     state, header = _load(file)
@@ -348,83 +419,139 @@ def read_adapter_file(path, module_names: Iterable[str] | None = None) -> tuple[
             f"{file} is a DoRA adapter: it is not a plain LoRA and cannot be folded into one. "
             "Load it with lens_tune's load_adapter, diffusers' load_lora_adapter or LensPipeline.load_lora_weights."
         )
-    if any(".hada_" in k or ".lokr_" in k for k in keys):
-        raise LensTuneError(
-            f"{file} is a LoHa/LoKr adapter; read_adapter_file reads LoRA files only. Load a lens-tune LoHa/LoKr folder "
-            "with load_adapter."
-        )
-
-    config: dict[str, Any] = {}
-    if all(k.startswith("lora_unet_") for k in keys):
-        fmt = "kohya"
-        resolve = _kohya_resolver(module_names)
-        renamed = {}
-        for k in keys:
-            split = _split(k)
-            if split is None:
-                raise _unknown(file, keys, f"unexpected kohya tensor {k}")
-            name = split[0][len("lora_unet_"):].lstrip("_")
-            module = resolve(name)
-            if module is None:
-                raise _unknown(file, keys, f"no transformer module matches {split[0]}")
-            renamed[(module, split[1])] = state[k]
-    else:
-        fmt, prefix = None, ""
-        if all(k.startswith("diffusion_model.") for k in keys):
-            fmt, prefix = "comfyui", "diffusion_model."
-        elif all(k.startswith("transformer.") for k in keys):
-            fmt, prefix = "diffusers", "transformer."
-        elif all(k.startswith("transformer_blocks.") or k.split(".", 1)[0] in {n.split(".")[0] for n in lens_module_names()} for k in keys):
-            fmt = "peft"
-        if fmt is None:
-            raise _unknown(file, keys)
-        renamed = {}
-        for k in keys:
-            split = _split(k[len(prefix):])
-            if split is None:
-                raise _unknown(file, keys, f"unexpected tensor {k}")
-            renamed[(split[0], split[1])] = state[k]
-        if fmt in ("peft", "diffusers"):
-            if LORA_ADAPTER_METADATA_KEY in header:
-                config = json.loads(header[LORA_ADAPTER_METADATA_KEY])
-            elif (file.parent / ADAPTER_CONFIG_NAME).is_file():
-                config = json.loads((file.parent / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
-            if config and all(k.startswith("transformer.") for k in config):
-                config = {k[len("transformer."):]: v for k, v in config.items()}
-            kind = str(config.get("peft_type", "LORA")).upper()
-            if kind != "LORA" or config.get("use_dora"):
-                raise LensTuneError(f"{file}: a {kind}{' (DoRA)' if config.get('use_dora') else ''} adapter is not a plain LoRA.")
-            if config.get("rank_pattern") or config.get("alpha_pattern"):
-                raise LensTuneError(f"{file}: rank_pattern/alpha_pattern are not supported by read_adapter_file.")
-
-    modules = sorted({m for m, _ in renamed})
-    out: dict[str, torch.Tensor] = {}
-    ranks, source_alpha = {}, {}
-    for module in modules:
-        a, b = renamed.get((module, "A")), renamed.get((module, "B"))
-        if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise _unknown(file, keys, f"module {module} lacks a matching down/up (A/B) pair")
-        r = int(a.shape[0])
-        alpha_t = renamed.get((module, "alpha"))
-        if fmt in ("peft", "diffusers"):
-            alpha = float(config.get("lora_alpha", r)) if config else None
-            scale = 1.0 if alpha is None else (alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r)
-        else:
-            alpha = None if alpha_t is None else float(alpha_t.float().reshape(-1)[0])
-            scale = 1.0 if alpha is None else alpha / r  # kohya / ComfyUI: alpha / rank, 1.0 without alpha
-        out[f"{module}.lora_A.weight"] = a.contiguous()
-        out[f"{module}.lora_B.weight"] = (b * scale).to(b.dtype).contiguous()
-        ranks[module] = r
-        source_alpha[module] = alpha
+    fmt, renamed = _by_module(file, state, keys, module_names)
+    config = _saved_config(file, header) if fmt in ("peft", "diffusers") else {}
+    parts = {part for _, part in renamed}
+    kind = "loha" if parts & set(_LOHA_PARTS) else "lokr" if parts & set(_LOKR_PARTS) else "lora"
+    if config:
+        saved = _kind({"peft_type": config.get("peft_type", "LORA"), "use_dora": config.get("use_dora")})
+        if saved != kind:
+            raise LensTuneError(f"{file}: its config says {saved.upper()} but its tensors are {kind.upper()} tensors.")
+    read = {"lora": _read_lora, "loha": _read_loha, "lokr": _read_lokr}[kind]
+    out, ranks, source_alpha, extra = read(file, keys, renamed, config)
     uniform = len(set(ranks.values())) == 1
     rank = next(iter(ranks.values())) if uniform else None
     info = {
+        "type": kind,
+        "config": _uniform_config(kind.upper(), ranks, extra),
         "format": fmt,
         "rank": rank,
         "alpha": float(rank) if uniform else None,
         "ranks": ranks,
         "source_alpha": source_alpha,
-        "targets": modules,
+        "targets": sorted(ranks),
         "file": file.name,
     }
     return out, info
+
+
+def _modules(renamed) -> list[str]:
+    return sorted({m for m, _ in renamed})
+
+
+def _file_alpha(renamed, module) -> float | None:
+    alpha = renamed.get((module, "alpha"))
+    return None if alpha is None else float(alpha.float().reshape(-1)[0])
+
+
+def _read_lora(file, keys, renamed, config):
+    out, ranks, source_alpha = {}, {}, {}
+    for module in _modules(renamed):
+        a, b = renamed.get((module, "A")), renamed.get((module, "B"))
+        if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            raise _unknown(file, keys, f"module {module} lacks a matching down/up (A/B) pair")
+        if len([p for m, p in renamed if m == module]) > (3 if (module, "alpha") in renamed else 2):
+            raise _unknown(file, keys, f"module {module} mixes LoRA and LyCORIS tensors")
+        r = int(a.shape[0])
+        if config:  # PEFT: alpha / rank (rsLoRA: alpha / sqrt(rank))
+            alpha = float(config.get("lora_alpha", r))
+            scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        else:  # kohya / ComfyUI: alpha / rank, 1.0 without alpha
+            alpha = _file_alpha(renamed, module)
+            scale = 1.0 if alpha is None else alpha / r
+        out[f"{module}.lora_A.weight"] = a.contiguous()
+        out[f"{module}.lora_B.weight"] = (b * scale).to(b.dtype).contiguous()
+        ranks[module], source_alpha[module] = r, (alpha if config or alpha is not None else None)
+    return out, ranks, source_alpha, {}
+
+
+def _lycoris_parts(file, keys, renamed, module, names) -> dict[str, torch.Tensor]:
+    parts = {p: v for (m, p), v in renamed.items() if m == module and p != "alpha"}
+    bad = [p for p in parts if p not in names] + [p for p, v in parts.items() if v.dim() != 2]
+    if bad:
+        raise _unknown(file, keys, f"module {module} has tensors {', '.join(sorted(parts))}; only Linear LoHa/LoKr reads")
+    return parts
+
+
+def _read_loha(file, keys, renamed, config):
+    # PEFT and ComfyUI agree: dW = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank, rank = w1_b.shape[0].
+    out, ranks, source_alpha = {}, {}, {}
+    for module in _modules(renamed):
+        parts = _lycoris_parts(file, keys, renamed, module, _LOHA_PARTS)
+        if set(parts) != set(_LOHA_PARTS):
+            raise _unknown(file, keys, f"LoHa module {module} lacks {', '.join(sorted(set(_LOHA_PARTS) - set(parts)))}")
+        r = int(parts["hada_w1_b"].shape[0])
+        alpha = float(config.get("alpha", r)) if config else _file_alpha(renamed, module)
+        scale = 1.0 if alpha is None else alpha / r
+        for name, value in parts.items():
+            out[f"{module}.{name}"] = (value * scale if name == "hada_w1_a" else value).contiguous()
+        ranks[module], source_alpha[module] = r, alpha
+    return out, ranks, source_alpha, {}
+
+
+def _read_lokr(file, keys, renamed, config):
+    # dW = kron(w1, w2) * scale, w1 = lokr_w1 or lokr_w1_a @ lokr_w1_b (same for w2). PEFT's scale is alpha / r;
+    # ComfyUI's is alpha / rank of the decomposed factor, or 1.0 when no factor is decomposed or there is no alpha.
+    # PEFT derives the factor shapes from (r, decompose_both, decompose_factor), so those are inferred per module
+    # and the adapter is recreated with them; a layout PEFT cannot make is refused.
+    from peft.tuners.lokr.layer import factorization
+
+    out, ranks, source_alpha = {}, {}, {}
+    shapes = {}
+    for module in _modules(renamed):
+        parts = _lycoris_parts(file, keys, renamed, module, _LOKR_PARTS)
+        one = ("lokr_w1" in parts) != ("lokr_w1_a" in parts and "lokr_w1_b" in parts)
+        two = ("lokr_w2" in parts) != ("lokr_w2_a" in parts and "lokr_w2_b" in parts)
+        if not (one and two) or len(parts) not in (2, 3, 4):
+            raise _unknown(file, keys, f"LoKr module {module} has tensors {', '.join(sorted(parts))}")
+        w1 = parts["lokr_w1"].shape if "lokr_w1" in parts else (parts["lokr_w1_a"].shape[0], parts["lokr_w1_b"].shape[1])
+        w2 = parts["lokr_w2"].shape if "lokr_w2" in parts else (parts["lokr_w2_a"].shape[0], parts["lokr_w2_b"].shape[1])
+        decomposed = [parts[n].shape[0] for n in ("lokr_w1_b", "lokr_w2_b") if n in parts]
+        if len(set(decomposed)) > 1:
+            raise _unknown(file, keys, f"LoKr module {module} has two factors of different ranks")
+        shapes[module] = (tuple(w1), tuple(w2), "lokr_w1_a" in parts, "lokr_w2_a" in parts, decomposed[0] if decomposed else None)
+        if config:
+            r_saved = int(config.get("r", 1))
+            alpha = float(config.get("alpha", r_saved))
+            scale = alpha / r_saved
+        else:
+            alpha = _file_alpha(renamed, module)
+            scale = alpha / decomposed[0] if (alpha is not None and decomposed) else 1.0
+        first = "lokr_w1" if "lokr_w1" in parts else "lokr_w1_a"
+        for name, value in parts.items():
+            out[f"{module}.{name}"] = (value * scale if name == first else value).contiguous()
+        source_alpha[module] = alpha
+
+    decompose_both = any(split1 for _, _, split1, _, _ in shapes.values())
+    for factor in [-1] + sorted({w1[1] for w1, *_ in shapes.values()}):
+        if all(
+            (w1[0], w2[0]) == factorization(w1[0] * w2[0], factor) and (w1[1], w2[1]) == factorization(w1[1] * w2[1], factor)
+            for w1, w2, *_ in shapes.values()
+        ):
+            break
+    else:
+        raise LensTuneError(
+            f"{file}: its LoKr factor shapes do not come from one factorisation PEFT can recreate "
+            f"(decompose_factor); lens-tune cannot load it."
+        )
+    for module, (w1, w2, split1, split2, rank) in shapes.items():
+        # PEFT splits w1 only if decompose_both and r < max(w1 dims)/2, and w2 only if r < max(w2 dims)/2; with both
+        # factors full any r >= half of every dim recreates the layout.
+        r = max(*w1, *w2) if rank is None else rank
+        if split1 != (decompose_both and r < max(w1) / 2) or split2 != (r < max(w2) / 2):
+            raise LensTuneError(
+                f"{file}: LoKr module {module} has a factor layout PEFT does not create for rank {r}; lens-tune "
+                "cannot load it."
+            )
+        ranks[module] = r
+    return out, ranks, source_alpha, {"decompose_both": decompose_both, "decompose_factor": factor}

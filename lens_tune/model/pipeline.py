@@ -152,9 +152,9 @@ class LensPipeline(DiffusionPipeline):
     # LoRA adapters (diffusers/PEFT format)
     # ------------------------------------------------------------------------------------------------------------
     def load_lora_weights(self, path: str | Path, adapter_name: str | None = None, scale: float = 1.0) -> str:
-        """Load a LoRA into the transformer: a .safetensors file or a folder holding one, in the diffusers/PEFT
+        """Load an adapter into the transformer: a .safetensors file or a folder holding one, in the diffusers/PEFT
         layout (bare or `transformer.` keys), the ComfyUI layout (`diffusion_model.` keys with `.alpha`), or the
-        kohya layout other Lens trainers write (`lora_unet_...lora_down/lora_up`).
+        kohya layout other Lens trainers write (`lora_unet_...lora_down/lora_up`); LoRA, DoRA, LoHa or LoKr.
 
         Every loaded adapter stays active, each with its own scale; returns the adapter's name.
         """
@@ -174,9 +174,14 @@ class LensPipeline(DiffusionPipeline):
             self.transformer.load_lora_adapter(str(file.parent), weight_name=file.name, prefix=prefix, adapter_name=name)
         else:
             from lens_tune.export.formats import read_adapter_file
+            from lens_tune.train.adapters import load_adapter_state
 
-            state, _ = read_adapter_file(file, [n for n, _ in self.transformer.named_modules()])
-            self.transformer.load_lora_adapter(state, prefix=None, adapter_name=name)  # scale folded in: alpha = rank
+            state, info = read_adapter_file(file, [n for n, _ in self.transformer.named_modules()])
+            if info["type"] == "lora":
+                self.transformer.load_lora_adapter(state, prefix=None, adapter_name=name)  # scale folded: alpha = rank
+            else:  # LoHa / LoKr: diffusers' loader reads LoRA only
+                load_adapter_state(self.transformer, info["config"], state, name, source=str(file))
+                self.transformer.requires_grad_(False)
         self._adapter_scales[name] = float(scale)
         self.set_adapters(list(self._adapter_scales), list(self._adapter_scales.values()))
         return name

@@ -296,7 +296,7 @@ def add_adapter(transformer: nn.Module, lora: LoraSettings, adapter_name: str = 
                 saved_config, state, _, source = _read_adapter_folder(source)
                 _check_same_kind(saved_config, config, source)
             else:
-                state = _exported_lora_state(transformer, source, lora)
+                state = _exported_state(transformer, source, lora)
             set_adapter_state_dict(transformer, state, adapter_name, source=str(source))
         except BaseException:
             _remove_adapter(transformer, adapter_name)  # leave the model as it was
@@ -304,22 +304,43 @@ def add_adapter(transformer: nn.Module, lora: LoraSettings, adapter_name: str = 
     return params
 
 
-def _exported_lora_state(transformer: nn.Module, path: Path, lora: LoraSettings) -> dict[str, torch.Tensor]:
-    """A LoRA file in another layout (diffusers, ComfyUI, kohya) as this recipe's adapter state: the file's scale
-    is folded into lora_B by the importer, so divide it by the recipe's scale to keep the same outputs."""
+def _exported_state(transformer: nn.Module, path: Path, lora: LoraSettings) -> dict[str, torch.Tensor]:
+    """An adapter file in another layout (diffusers, ComfyUI, kohya; LoRA, LoHa or LoKr) as this recipe's adapter
+    state: the importer folds the file's scale into the first factor, so divide it by the recipe's scale to keep the
+    same outputs."""
     from lens_tune.export.formats import read_adapter_file
 
-    if lora.type != "lora":
-        raise LensTuneError(
-            f"lora.init_from {path}: continuing from a diffusers/ComfyUI/kohya file works for lora.type: lora; for "
-            f"{lora.type} pass the adapter folder lens-tune wrote (RUN/adapter or a checkpoint's adapter/)."
-        )
     state, info = read_adapter_file(path, [name for name, _ in transformer.named_modules()])
-    if info["rank"] != lora.rank:
+    if info["type"] != lora.type:
+        raise LensTuneError(
+            f"lora.init_from {path} is a {info['type']} adapter; set lora.type: {info['type']} to continue it "
+            f"(a {lora.type} adapter cannot continue from it)."
+        )
+    if lora.type != "lokr" and info["rank"] != lora.rank:
         raise LensTuneError(f"lora.init_from {path} has rank {info['rank']}; set lora.rank: {info['rank']} to continue it.")
     alpha = lora.alpha if lora.alpha is not None else lora.rank
     scale = alpha / math.sqrt(lora.rank) if lora.rslora else alpha / lora.rank
-    return {k: v / scale if ".lora_B." in k else v for k, v in state.items()}
+    first = (".lora_B.weight", ".hada_w1_a", ".lokr_w1", ".lokr_w1_a")  # a LoKr module has lokr_w1 or lokr_w1_a
+    return {k: v / scale if k.endswith(first) else v for k, v in state.items()}
+
+
+def load_adapter_state(
+    transformer: nn.Module, config: dict[str, Any], state: dict[str, torch.Tensor], adapter_name: str, *, source: str
+) -> None:
+    """Create the adapter that the PEFT config dict describes and load `state` into it strictly; on failure the
+    half-made adapter is removed again. Used for files that carry no config of ours (ComfyUI, kohya)."""
+    from peft import PeftConfig
+
+    _inject_and_load(transformer, PeftConfig.from_peft_type(**config), state, adapter_name, source)
+
+
+def _inject_and_load(transformer: nn.Module, config, state: dict[str, torch.Tensor], adapter_name: str, source: str):
+    _inject(transformer, config, adapter_name)
+    try:
+        set_adapter_state_dict(transformer, state, adapter_name, source=source)
+    except BaseException:
+        _remove_adapter(transformer, adapter_name)  # leave the model as it was
+        raise
 
 
 def _pissa_initial(transformer: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
@@ -637,12 +658,7 @@ def load_adapter(transformer: nn.Module, folder: str | os.PathLike, adapter_name
     # the weights come from the file: skip random initialisations (the gaussian one is slow on large layers)
     if hasattr(config, "init_lora_weights"):
         config.init_lora_weights = True
-    _inject(transformer, config, adapter_name)
-    try:
-        set_adapter_state_dict(transformer, state, adapter_name, source=source)
-    except BaseException:
-        _remove_adapter(transformer, adapter_name)
-        raise
+    _inject_and_load(transformer, config, state, adapter_name, source)
     transformer.requires_grad_(False)
 
     saved_settings = json.loads(header[SETTINGS_METADATA_KEY]) if SETTINGS_METADATA_KEY in header else {}
