@@ -297,8 +297,17 @@ def run_training(args: argparse.Namespace) -> None:
     if args.resume:
         run_dir, checkpoint, recipe = resolve_resume(args.resume, recipe, args.recipe, args.overrides)
     device = torch.device("cpu") if args.device == "cpu" else None
-    result = train(recipe, resume=run_dir, checkpoint=checkpoint, device=device)
-    if int(os.environ.get("RANK", "0")) != 0:
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    try:
+        result = train(recipe, resume=run_dir, checkpoint=checkpoint, device=device)
+    except (LensTuneError, OSError, RuntimeError, KeyboardInterrupt) as error:
+        if main_process:  # say how to go on: resume the run, or (no run folder yet) run again, reusing the caches
+            folder = getattr(error, "run_folder", None)
+            how = (f"resume with:\n  lens-tune run {args.recipe} --resume {folder}" if folder else
+                   f"the caches written so far are kept; run again to continue:\n  lens-tune run {args.recipe}")
+            print(f"\n{'Interrupted' if isinstance(error, KeyboardInterrupt) else 'Stopped'}; {how}", file=sys.stderr)
+        raise
+    if not main_process:
         return
     command = f"lens-tune run {args.recipe} --resume {result.run}"
     if result.state == "interrupted":

@@ -24,6 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from lens_tune.checksums import tensor_digest
+from lens_tune.faults import fault_point
 from lens_tune.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -34,15 +36,6 @@ SHARD_BYTES = 64 * 2**20  # a shard is written once this much is buffered: the w
 def content_key(**fields) -> str:
     """A stable key for the given JSON-able fields."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        digest.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -79,6 +72,9 @@ class FeatureCache:
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def keys(self) -> list[str]:
+        return list(self._index)
 
     def meta(self, key: str) -> dict:
         return self._index[key].meta
@@ -120,12 +116,18 @@ class FeatureCache:
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
         shard, sidecar = self.root / f"{name}.safetensors", self.root / f"{name}.json"
         flat = {f"{key}/{n}": t.detach().contiguous().cpu() for key, (tensors, _) in entries.items() for n, t in tensors.items()}
-        atomic_write(shard, lambda tmp: save_file(flat, str(tmp)))
+        size = sum(t.numel() * t.element_size() for t in flat.values())
+
+        def write(tmp: Path) -> None:
+            save_file(flat, str(tmp))
+            fault_point("shard-write")
+
+        atomic_write(shard, write, what=f"a cache shard ({len(entries)} entries)", needed_bytes=size)
         index = {
             key: {"names": [f"{key}/{n}" for n in sorted(tensors)], "sha256": tensor_digest(tensors), "meta": meta}
             for key, (tensors, meta) in entries.items()
         }
-        atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps({"entries": index})))
+        atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps({"entries": index})), what="a cache shard index")
         for key, info in index.items():
             self._index[key] = Entry(shard, tuple(info["names"]), info["sha256"], info["meta"])
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from lens_tune.data.cache import content_key, folder_fingerprint
 from lens_tune.data.sources import ImageItem, folder_items
+from lens_tune.faults import fault_point
 from lens_tune.files import atomic_write
 from lens_tune.model.sources import locate_model
 from lens_tune.recipe.schema import Recipe
@@ -65,7 +66,8 @@ def generate_class_images(recipe: Recipe, cache_root: Path, device: torch.device
                 db.class_prompt, height=settings["size"], width=settings["size"], num_inference_steps=settings["steps"],
                 guidance_scale=settings["guidance"], generator=torch.Generator("cpu").manual_seed(db.class_image_seed + i),
             ).images[0]
-            atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))  # never half an image under its name
+            atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), what="a class image")  # never half a PNG
+            fault_point("class-images")
         del pipe
     return existing + [item for path in paths for item in folder_items_of(path)]
 

@@ -24,6 +24,7 @@ from lens_tune.data.class_images import class_image_settings, generate_class_ima
 from lens_tune.data.images import CheckedImage, ImageProblem, bad_images_message, check_images, load_image
 from lens_tune.data.sources import ImageItem, folder_items, hub_items, metadata_items
 from lens_tune.errors import DatasetError
+from lens_tune.faults import fault_point
 from lens_tune.model.sources import locate_model
 from lens_tune.recipe.schema import TRIGGER_PLACEHOLDER, Dataset, Recipe
 
@@ -198,6 +199,7 @@ def cache_text_features(
             features, mask = encode_text(tokenizer, encoder, [caption], layers, MAX_SEQUENCE_LENGTH, offset, device)
             valid = mask[0]
             writer.add(keys[caption], {f"layer.{i}": f[0, valid] for i, f in enumerate(features)}, {"caption": caption})
+            fault_point("caching")
     del encoder
     return len(todo)
 
@@ -226,6 +228,7 @@ def cache_latents(
             image = fit_to_bucket(image, job.image.bucket, crop=job.image.dataset.crop, flip=job.flip, crop_seed=job.crop_seed)
             tokens = encode_pixels(vae, pixels_from_image(image))[0]
             writer.add(job.key, {"tokens": tokens}, {"origin": item.origin, "grid": [image.height // 16, image.width // 16]})
+            fault_point("caching")
     del vae
     return len(todo)
 

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 
 import torch
 
+from lens_tune.checksums import TENSORS_SHA256_KEY, check_tensor_digest, tensor_digest
 from lens_tune.errors import LensTuneError
 from lens_tune.files import atomic_write
 from lens_tune.train.adapters import (
@@ -84,9 +85,11 @@ def _load(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(file), framework="pt") as f:
             header = dict(f.metadata() or {})
-        return load_file(str(file)), header
+        state = load_file(str(file))
     except Exception as exc:
         raise LensTuneError(f"{file} is not a readable safetensors file: {exc}") from exc
+    check_tensor_digest(state, header, file)
+    return state, header
 
 
 def _read_ours(adapter_dir) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, str]]:
@@ -145,7 +148,9 @@ def _save(state: dict[str, torch.Tensor], file: Path, header: dict[str, str]) ->
 
     file.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-    atomic_write(file, lambda tmp: save_file(state, str(tmp), metadata=header))
+    header = {**header, TENSORS_SHA256_KEY: tensor_digest(state)}
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    atomic_write(file, lambda tmp: save_file(state, str(tmp), metadata=header), needed_bytes=size)
     return file
 
 

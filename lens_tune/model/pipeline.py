@@ -17,7 +17,9 @@ import torch
 from diffusers import AutoencoderKLFlux2, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+from safetensors import safe_open
 
+from lens_tune.checksums import check_tensor_digest
 from lens_tune.errors import ModelLoadError
 from lens_tune.model import loading
 from lens_tune.model.flow_matching import compute_empirical_mu, guided_velocity, inference_sigmas
@@ -167,7 +169,10 @@ class LensPipeline(DiffusionPipeline):
         name = adapter_name or f"adapter_{len(self._adapter_scales)}"
         if name in self._adapter_scales:
             raise ValueError(f"An adapter named '{name}' is already loaded; pick another adapter_name.")
-        keys = list(loading.read_safetensors([file]))
+        tensors = loading.read_safetensors([file])
+        with safe_open(str(file), framework="pt") as handle:
+            check_tensor_digest(tensors, handle.metadata() or {}, file)  # our files record one: a damaged copy fails here
+        keys = list(tensors)
         peft_keys = any(".lora_A." in k or ".lora_B." in k for k in keys)
         if peft_keys and not any(k.startswith("diffusion_model.") for k in keys):
             prefix = "transformer" if all(k.startswith("transformer.") for k in keys) else None

@@ -29,6 +29,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
+from lens_tune.checksums import TENSORS_SHA256_KEY, check_tensor_digest, tensor_digest
 from lens_tune.errors import LensTuneError, ModelLoadError
 from lens_tune.files import atomic_write
 from lens_tune.recipe.schema import LoraSettings
@@ -532,6 +533,7 @@ def save_adapter(
         "format": "pt",
         LORA_ADAPTER_METADATA_KEY: json.dumps(config_data, indent=2, sort_keys=True),
         SETTINGS_METADATA_KEY: lora.model_dump_json(),
+        TENSORS_SHA256_KEY: tensor_digest(state),
     }
     for key, value in (metadata or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
@@ -544,7 +546,8 @@ def save_adapter(
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write(folder / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=header))
+    size = sum(t.numel() * t.element_size() for t in state.values())
+    atomic_write(folder / ADAPTER_WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp), metadata=header), needed_bytes=size)
     config_json = json.dumps(config_data, indent=2, sort_keys=True) + "\n"
     atomic_write(folder / ADAPTER_CONFIG_NAME, lambda tmp: tmp.write_text(config_json, encoding="utf-8"))
     return folder
@@ -605,6 +608,7 @@ def _read_adapter_folder(path: Path) -> tuple[Any, dict[str, torch.Tensor], dict
         state = load_file(str(weights))
     except Exception as exc:  # a truncated or non-safetensors file
         raise ModelLoadError(f"{weights} is not a readable safetensors file: {exc}") from exc
+    check_tensor_digest(state, header, weights)
 
     config_file = folder / ADAPTER_CONFIG_NAME
     if config_file.is_file():
@@ -674,7 +678,8 @@ def load_adapter(transformer: nn.Module, folder: str | os.PathLike, adapter_name
         init="default" if init == "pissa" else init,  # a saved PiSSA adapter is a plain LoRA
         targets=_adapted_modules(transformer, adapter_name),
         adapter_name=adapter_name,
-        metadata={k: v for k, v in header.items() if k not in ("format", LORA_ADAPTER_METADATA_KEY, SETTINGS_METADATA_KEY)},
+        metadata={k: v for k, v in header.items()
+                  if k not in ("format", LORA_ADAPTER_METADATA_KEY, SETTINGS_METADATA_KEY, TENSORS_SHA256_KEY)},
         config=config,
     )
 

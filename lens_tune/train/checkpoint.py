@@ -40,7 +40,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from lens_tune.errors import LensTuneError
-from lens_tune.files import fsync_path
+from lens_tune.faults import fault_point
+from lens_tune.files import fsync_path, reporting_full_disk
 
 logger = logging.getLogger(__name__)
 
@@ -251,30 +252,11 @@ def save_checkpoint(
     _recover(checkpoints_dir)
     final = checkpoints_dir / _step_name(step)
     tmp = checkpoints_dir / f".tmp-{final.name}-{secrets.token_hex(4)}"
+    size = sum(t.numel() * t.element_size() for tensors, _ in flat.values() for t in tensors.values())
     tmp.mkdir()
     try:
-        adapter = tmp / ADAPTER_DIR
-        write_adapter(adapter)
-        if not adapter.is_dir():
-            raise RuntimeError(f"write_adapter did not create the adapter folder {adapter}")
-        for name, (tensors, skeleton) in flat.items():
-            path = tmp / f"{name}.safetensors"
-            save_file(tensors, str(path))
-            _write_bytes(tmp / f"{name}.json", json.dumps({"format": FORMAT, "skeleton": skeleton}, allow_nan=False).encode())
-        meta = {"step": step, "format": FORMAT, "states": list(flat), "time": time.time()}
-        _write_bytes(tmp / META_FILE, json.dumps(meta, indent=1).encode())
-
-        checksums = {}
-        for root, dirs, files in os.walk(tmp, topdown=False):
-            for file in files:
-                path = Path(root) / file
-                checksums[path.relative_to(tmp).as_posix()] = _sha256_file(path)
-                fsync_path(path)
-            for folder in dirs:
-                fsync_path(Path(root) / folder)
-        files = dict(sorted(checksums.items()))
-        _write_bytes(tmp / CHECKSUMS_FILE, json.dumps({"format": FORMAT, "files": files}, indent=1).encode())
-        fsync_path(tmp)
+        with reporting_full_disk(f"checkpoint {final.name}", checkpoints_dir, size):
+            _write_checkpoint_files(tmp, write_adapter, flat, step)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -300,6 +282,33 @@ def save_checkpoint(
             _remove_tree(path)
     fsync_path(checkpoints_dir)
     return final
+
+
+def _write_checkpoint_files(tmp: Path, write_adapter: Callable[[Path], None], flat: dict, step: int) -> None:
+    """Every file of a checkpoint into the folder `tmp`, fsynced, checksums.json last."""
+    adapter = tmp / ADAPTER_DIR
+    write_adapter(adapter)
+    if not adapter.is_dir():
+        raise RuntimeError(f"write_adapter did not create the adapter folder {adapter}")
+    fault_point("checkpoint-write")
+    for name, (tensors, skeleton) in flat.items():
+        path = tmp / f"{name}.safetensors"
+        save_file(tensors, str(path))
+        _write_bytes(tmp / f"{name}.json", json.dumps({"format": FORMAT, "skeleton": skeleton}, allow_nan=False).encode())
+    meta = {"step": step, "format": FORMAT, "states": list(flat), "time": time.time()}
+    _write_bytes(tmp / META_FILE, json.dumps(meta, indent=1).encode())
+
+    checksums = {}
+    for root, dirs, files in os.walk(tmp, topdown=False):
+        for file in files:
+            path = Path(root) / file
+            checksums[path.relative_to(tmp).as_posix()] = _sha256_file(path)
+            fsync_path(path)
+        for folder in dirs:
+            fsync_path(Path(root) / folder)
+    files = dict(sorted(checksums.items()))
+    _write_bytes(tmp / CHECKSUMS_FILE, json.dumps({"format": FORMAT, "files": files}, indent=1).encode())
+    fsync_path(tmp)
 
 
 # -- load -----------------------------------------------------------------------------------------------------------

@@ -8,11 +8,10 @@ sampling and writing happen on the main process only.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-import os
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from lens_tune.data.cache import FeatureCache, folder_fingerprint
 from lens_tune.data.prepare import PreparedData, prepare_training_data
 from lens_tune.errors import LensTuneError
+from lens_tune.faults import fault_point
 from lens_tune.model.sources import locate_model
 from lens_tune.recipe.lock import check_lock, locked, write_lock
 from lens_tune.recipe.schema import Recipe
@@ -30,7 +30,7 @@ from lens_tune.train.checkpoint import latest_checkpoint, load_checkpoint, save_
 from lens_tune.train.data import MicroBatchStream, load_batch, micro_batch_seed
 from lens_tune.train.objective import flow_matching_loss, sample_sigmas
 from lens_tune.train.optim import EMA, build_lr_scheduler, build_optimizer
-from lens_tune.train.run_folder import RunFolder
+from lens_tune.train.run_folder import RunFolder, check_writable
 from lens_tune.train.samples import ValidationSampler
 
 
@@ -46,10 +46,16 @@ class RunResult:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM ask the loop to finish the current step, checkpoint and exit; a second Ctrl-C exits at once."""
+    """SIGINT/SIGTERM handling for a whole run.
+
+    While the data is prepared (caching, class images) a signal stops at once: KeyboardInterrupt, and what was
+    cached so far stays cached. Once `deferring` is set (the model phases), a signal asks the loop to finish the
+    current step or sample, write a checkpoint and exit; a second Ctrl-C then exits at once.
+    """
 
     def __init__(self):
         self.requested = False
+        self.deferring = False
         self._previous = {}
 
     def __enter__(self) -> "StopRequest":
@@ -58,7 +64,7 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if not self.deferring or (self.requested and signum == signal.SIGINT):
             raise KeyboardInterrupt
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
@@ -67,12 +73,6 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def fault_injection() -> int | None:
-    """LENS_TUNE_FAULT=sigint@micro=N sends this process a real SIGINT after micro-batch N (for resume tests)."""
-    spec = os.environ.get("LENS_TUNE_FAULT", "")
-    return int(spec.split("=", 1)[1]) if spec.startswith("sigint@micro=") else None
 
 
 def resolve_dtypes(recipe: Recipe, device: torch.device) -> tuple[torch.dtype, torch.dtype | None]:
@@ -105,7 +105,15 @@ def train(
     recipe: Recipe, runs_dir: Path | None = None, resume: Path | None = None, checkpoint: Path | None = None,
     device: torch.device | None = None, log=print,
 ) -> RunResult:
-    """Run a recipe, or resume the run folder `resume` from `checkpoint` (default: its newest complete one)."""
+    """Run a recipe, or resume the run folder `resume` from `checkpoint` (default: its newest complete one).
+
+    An error raised once the run folder exists carries it as `error.run_folder` (the CLI prints the resume command).
+    """
+    with StopRequest() as stop:
+        return _train(recipe, runs_dir, resume, checkpoint, device, log, stop)
+
+
+def _train(recipe, runs_dir, resume, checkpoint, device, log, stop: StopRequest) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -121,6 +129,8 @@ def train(
     # -- the run folder (main process) and the caches (main first; the others then find everything cached) -------
     model_root = locate_model(recipe.model.source, recipe.model.revision)
     run = RunFolder.open(resume) if resume else None
+    if main and run is None:
+        check_writable(runs_dir or recipe.output.dir)  # before minutes of caching, not after
     with accelerator.main_process_first():
         prepared: PreparedData = prepare_training_data(recipe, device=device, log=say)
     if recipe.lock is not None:
@@ -134,6 +144,7 @@ def train(
     run = RunFolder.open(run_path)
     if main:
         run.acquire()
+    stop.deferring = True  # from here a signal ends the current step or sample and writes a checkpoint
 
     step = 0
     try:
@@ -155,10 +166,12 @@ def train(
             if ema is not None:
                 ema.load_state_dict(saved.states["ema"])
             step, attempts, nonfinite = (saved.states["trainer"][k] for k in ("step", "attempts", "nonfinite"))
+        if resume:  # the events after the checkpoint (all of them without one) belong to the lost attempt
             if main:
                 run.truncate_events_after(step)
-                run.log_event("resume", step=step, checkpoint=str(checkpoint_path))
-            say(f"resumed from {checkpoint_path} at step {step}")
+                run.log_event("resume", step=step, checkpoint=str(checkpoint_path) if checkpoint_path else None)
+            say(f"resumed from {checkpoint_path} at step {step}" if checkpoint_path else
+                "no complete checkpoint in this run yet: starting it again from step 0")
         model, optimizer = accelerator.prepare(transformer, optimizer)
 
         cache = FeatureCache(prepared.cache_dir)
@@ -167,7 +180,12 @@ def train(
         text_shape = (len(config.selected_layer_index), config.enc_hidden_dim)
         sampler = ValidationSampler(recipe, prepared.prompt_keys, cache, model_root, device) if main else None
         processes, accumulation = accelerator.num_processes, settings.gradient_accumulation
-        fault_at = fault_injection()
+
+        def stop_requested() -> bool:  # every process must leave the loop at the same step
+            if processes == 1:
+                return stop.requested
+            flag = torch.tensor(float(stop.requested), device=device)
+            return accelerator.reduce(flag, reduction="sum").item() > 0
 
         def write_checkpoint(final: bool = False) -> Path | None:
             if main:
@@ -203,76 +221,82 @@ def train(
         if step == 0 and recipe.validation.before_training:
             render_samples()
         progress = tqdm(total=settings.steps, initial=step, desc="training", unit="step", disable=not main)
-        micro_done = 0
         state = "finished"
-        with StopRequest() as stop:
-            model.train()
-            while step < settings.steps:
-                started = time.perf_counter()
-                total_loss = torch.zeros((), device=device)
-                for micro in range(accumulation):
-                    index = (attempts * processes + accelerator.process_index) * accumulation + micro
-                    generator = torch.Generator().manual_seed(micro_batch_seed(settings.seed, index))
-                    torch.manual_seed(micro_batch_seed(settings.seed, index) + 1)  # adapter dropout
-                    batch = load_batch(stream[index], cache, generator, device, weights_dtype, text_shape)
-                    tokens = batch.grid[0] * batch.grid[1]
-                    sigma = sample_sigmas(settings, len(batch.weights), tokens, generator).to(device)
-                    noise = torch.randn(batch.latents.shape, generator=generator).to(device, weights_dtype)
-                    sync = micro == accumulation - 1
-                    with (nullcontext() if sync else accelerator.no_sync(model)), torch.autocast(
-                        device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                    ):
-                        loss = flow_matching_loss(model, batch.latents, batch.text, batch.text_mask, batch.grid,
-                                                  batch.weights, sigma, noise) / accumulation
-                        accelerator.backward(loss)
-                    total_loss += loss.detach()
-                    micro_done += 1
-                    if fault_at is not None and micro_done == fault_at:
-                        os.kill(os.getpid(), signal.SIGINT)
-                step_loss = accelerator.reduce(total_loss, reduction="mean").item()
-                attempts += 1
-                if not math.isfinite(step_loss):
-                    optimizer.zero_grad(set_to_none=True)
-                    nonfinite += 1
-                    if main:
-                        run.log_event("nonfinite", step=step, consecutive=nonfinite)
-                    if nonfinite >= settings.max_nonfinite_steps:
-                        raise TrainingStopped(
-                            f"{nonfinite} consecutive steps had a non-finite loss (NaN/inf) at step {step}; stopped. "
-                            "Lower train.learning_rate or check the data; the last good checkpoint is in "
-                            f"{run.checkpoints_dir}."
-                        )
-                    continue
-                nonfinite = 0
-                grad_norm = (
-                    accelerator.clip_grad_norm_(params, settings.max_grad_norm).item() if settings.max_grad_norm else None
-                )
-                optimizer.step()
-                scheduler.step()
+        model.train()
+        while step < settings.steps:
+            if stop_requested():  # a signal during the baseline samples
+                state = "interrupted"
+                break
+            started = time.perf_counter()
+            total_loss = torch.zeros((), device=device)
+            for micro in range(accumulation):
+                index = (attempts * processes + accelerator.process_index) * accumulation + micro
+                generator = torch.Generator().manual_seed(micro_batch_seed(settings.seed, index))
+                torch.manual_seed(micro_batch_seed(settings.seed, index) + 1)  # adapter dropout
+                batch = load_batch(stream[index], cache, generator, device, weights_dtype, text_shape)
+                tokens = batch.grid[0] * batch.grid[1]
+                sigma = sample_sigmas(settings, len(batch.weights), tokens, generator).to(device)
+                noise = torch.randn(batch.latents.shape, generator=generator).to(device, weights_dtype)
+                sync = micro == accumulation - 1
+                with (nullcontext() if sync else accelerator.no_sync(model)), torch.autocast(
+                    device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                ):
+                    loss = flow_matching_loss(model, batch.latents, batch.text, batch.text_mask, batch.grid,
+                                              batch.weights, sigma, noise) / accumulation
+                    if fault_point("loss"):
+                        loss = loss * float("nan")
+                    accelerator.backward(loss)
+                total_loss += loss.detach()
+                fault_point("micro")
+            if fault_point("grad"):
+                next(p for p in params if p.grad is not None).grad.fill_(float("nan"))
+            step_loss = accelerator.reduce(total_loss, reduction="mean").item()
+            attempts += 1
+            # the norm of all gradients (clipping to max_grad_norm when set): a NaN/inf gradient with a finite loss
+            # must not reach the optimizer either
+            grad_norm = None
+            if math.isfinite(step_loss):
+                grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm or math.inf).item()
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update()
-                step += 1
-                seconds = time.perf_counter() - started
+                nonfinite += 1
                 if main:
-                    run.log_event("step", step=step, loss=step_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                                  step_time=seconds, samples_per_s=settings.batch_size * accumulation * processes / seconds,
-                                  peak_memory_gib=peak_memory_gib(device))
-                    if board is not None:
-                        board.add_scalar("loss", step_loss, step)
-                        board.add_scalar("lr", scheduler.get_last_lr()[0], step)
-                        if grad_norm is not None:
-                            board.add_scalar("grad_norm", grad_norm, step)
-                    progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                    progress.update()
-                last = step == settings.steps
-                if step % recipe.validation.every == 0 and not last:
-                    render_samples()
-                if (step % recipe.checkpoint.every == 0 or stop.requested) and not last:
-                    write_checkpoint()
-                if stop.requested and not last:
-                    state = "interrupted"
-                    break
+                    run.log_event("nonfinite", step=step, consecutive=nonfinite,
+                                  what="loss" if not math.isfinite(step_loss) else "gradients")
+                if nonfinite >= settings.max_nonfinite_steps:
+                    raise TrainingStopped(
+                        f"{nonfinite} consecutive steps had a non-finite loss or gradients (NaN/inf) at step {step}; "
+                        "stopped. Lower train.learning_rate or check the data; the last good checkpoint is in "
+                        f"{run.checkpoints_dir}."
+                    )
+                continue
+            nonfinite = 0
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
+            step += 1
+            seconds = time.perf_counter() - started
+            if main:
+                run.log_event("step", step=step, loss=step_loss, lr=scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                              step_time=seconds, samples_per_s=settings.batch_size * accumulation * processes / seconds,
+                              peak_memory_gib=peak_memory_gib(device))
+                if board is not None:
+                    board.add_scalar("loss", step_loss, step)
+                    board.add_scalar("lr", scheduler.get_last_lr()[0], step)
+                    board.add_scalar("grad_norm", grad_norm, step)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                progress.update()
+            last = step == settings.steps
+            if step % recipe.validation.every == 0 and not last:
+                render_samples()
+            stopping = stop_requested() and not last
+            if (step % recipe.checkpoint.every == 0 and not last) or stopping:
+                write_checkpoint()
+            if stopping:
+                state = "interrupted"
+                break
         progress.close()
         if board is not None:
             board.close()
@@ -291,12 +315,33 @@ def train(
         accelerator.wait_for_everyone()
         return RunResult(run.path, step, state)
     except BaseException as error:  # the run folder says what happened, also for the dashboard
+        error.run_folder = run.path
         if main:
-            run.log_event("error", kind=type(error).__name__, message=str(error), step=step)
-            run.set_status("interrupted" if isinstance(error, KeyboardInterrupt) else "failed", step=step,
-                           total_steps=settings.steps, error=str(error))
-            run.release()
+            try:
+                run.log_event("error", kind=type(error).__name__, message=str(error), step=step)
+                run.set_status("interrupted" if isinstance(error, KeyboardInterrupt) else "failed", step=step,
+                               total_steps=settings.steps, error=str(error))
+            except OSError as report_error:  # e.g. the disk is full: never hide the original error behind this one
+                print(f"note: could not record the error in {run.path}: {report_error}", file=sys.stderr)
+            finally:
+                run.release()
+        if accelerator.num_processes > 1 and is_peer_failure(error):
+            stopped = LensTuneError(f"another training process of this run stopped, so this one stopped too "
+                                    f"({str(error).splitlines()[0][:200]}); its checkpoints are intact")
+            stopped.run_folder = run.path
+            raise stopped from error
         raise
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether a collective failed because another process of the run died (torch.distributed's errors, or gloo's
+    and NCCL's plain RuntimeErrors about the lost connection)."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and any(word in text for word in ("gloo", "NCCL", "Connection reset", "Connection closed"))
+    )
 
 
 def tensorboard_writer(run_path: Path):

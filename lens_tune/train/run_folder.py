@@ -104,6 +104,19 @@ def _is_run_folder(path: Path) -> bool:
     return path.is_dir() and any((path / marker).is_file() for marker in _RUN_MARKERS)
 
 
+def check_writable(folder: Path, what: str = "output.dir") -> None:
+    """Create `folder` if needed and prove a file can be written in it, before any long work starts."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise RunFolderError(f"{what} {folder} cannot be written ({reason}); choose another {what}") from None
+
+
 class RunFolder:
     """One run's folder. The trainer creates or opens it, `acquire()`s it for the whole training and writes to it."""
 

@@ -16,6 +16,8 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from lens_tune.data.cache import FeatureCache
+from lens_tune.faults import fault_point
+from lens_tune.files import atomic_write
 from lens_tune.recipe.schema import Recipe
 
 VARIANT_DEFAULTS = {"lens": (20, 5.0), "lens-turbo": (4, 1.0), "lens-base": (50, 5.0)}  # steps, guidance
@@ -74,8 +76,9 @@ class ValidationSampler:
                         "width": self.width, "height": self.height,
                     }))
                     path = folder / f"p{p_index:02d}-seed{seed}.png"
-                    image.save(path, pnginfo=info)
+                    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), what="a validation sample")
                     paths.append(path)
+                    fault_point("sampling")
         finally:
             transformer.train(was_training)
         save_grid(paths, len(self.seeds), folder / "grid.png")
@@ -92,4 +95,4 @@ def save_grid(paths: list[Path], columns: int, target: Path) -> None:
     grid = Image.new("RGB", (columns * w, rows * h), "white")
     for i, image in enumerate(images):
         grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    grid.save(target)
+    atomic_write(target, lambda tmp: grid.save(tmp, format="PNG"), what="the sample grid")
