@@ -143,7 +143,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--private", action="store_true", help="create the Hub repo private")
     export.add_argument("--revision", help="Hub branch to push to (default main)")
     export.set_defaults(handler=run_export)
+
+    ui = commands.add_parser(
+        "ui",
+        help="open the dashboard: runs, live loss, samples, previews, training and export in a web page",
+        description="Serve the Gradio dashboard. It reads the run folders under --runs and the recipes under "
+        "--recipes (and writes only there). It listens on 127.0.0.1; --share or another --host needs --auth.",
+    )
+    ui.add_argument("--runs", type=Path, default=Path("runs"), help="the runs folder (default ./runs)")
+    ui.add_argument("--recipes", type=Path, default=Path("recipes"), help="the recipes folder (default ./recipes)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=_int_in(1, 65535), default=7860, help="port (default 7860)")
+    ui.add_argument("--share", action="store_true", help="also open a public gradio.live link (needs --auth)")
+    ui.add_argument("--auth", metavar="USER:PASS", help="ask for this user name and password")
+    ui.set_defaults(handler=run_ui)
     return parser
+
+
+def run_ui(args: argparse.Namespace) -> None:
+    from lens_tune_ui import launch  # imported here: gradio takes seconds to import, other commands never need it
+
+    launch(args.runs, args.recipes, args.host, args.port, args.share, args.auth)
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -14,7 +14,9 @@ import pytest
 
 from lens_tune.errors import LensTuneError
 from lens_tune.train import run_folder as rf
-from lens_tune.train.run_folder import RunFolder, RunFolderError, find_runs, latest_run, read_events, read_status
+from lens_tune.train.run_folder import (
+    RunFolder, RunFolderError, find_runs, latest_run, lock_holder, read_events, read_status, trainer_pid,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -131,6 +133,24 @@ def test_lock_blocks_other_processes_and_dies_with_its_holder(tmp_path):
         run.release()
     other = subprocess.run(_python(TRY_ACQUIRE, str(run.path)), capture_output=True, text=True, cwd=REPO, timeout=60)
     assert other.stdout.strip() == "acquired", other.stderr
+
+
+def test_lock_holder_and_trainer_pid(tmp_path):
+    run = RunFolder.create(tmp_path, "dog")
+    assert lock_holder(run.path) is None and trainer_pid(run.path) is None  # never trained
+    holder = subprocess.Popen(_python(HOLDER, str(run.path)), stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert lock_holder(run.path) == holder.pid and trainer_pid(run.path) == holder.pid
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert lock_holder(run.path) == holder.pid  # the pid stays written; the lock went with the process
+    assert trainer_pid(run.path) is None
+    with run:
+        assert trainer_pid(run.path) == os.getpid()  # another handle in this very process counts too
+    run.run_lock_path.write_text("garbage")
+    assert lock_holder(run.path) is None and lock_holder(tmp_path / "nowhere") is None
 
 
 def test_lock_in_process(tmp_path):

@@ -414,6 +414,42 @@ def read_status(path: Path) -> dict:
     return status
 
 
+def lock_holder(path: Path) -> int | None:
+    """The pid in a run folder's run.lock: the process training in it now, or the last one that did (None if no
+    training ever started there). Reading it takes no lock, so it never gets in a trainer's way; whether that
+    process still runs is for the caller to check."""
+    try:
+        text = (Path(path) / RUN_LOCK_FILE).read_text(encoding="ascii", errors="replace").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def trainer_pid(path: Path) -> int | None:
+    """The pid of the process training in the run folder `path` right now, or None when none is.
+
+    It asks the lock itself: a non-blocking shared flock on run.lock fails exactly while a trainer holds its
+    exclusive one, so the pid of a killed trainer (or a pid since reused by another program) never counts. The flock
+    is held for an instant; call this for a user's action (stopping a run), and `lock_holder` for polling.
+    """
+    try:
+        fd = os.open(Path(path) / RUN_LOCK_FILE, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _sort_key(path: Path) -> tuple[str, int, str]:
     match = _FOLDER_RE.match(path.name)
     assert match is not None
