@@ -113,7 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-processes", type=_int_in(1, 64), default=1,
                      help="data-parallel processes through `accelerate launch` (default 1)")
     run.add_argument("--device", choices=["auto", "cpu"], default="auto", help="cpu forces CPU training (default auto)")
+    run.add_argument("--force", action="store_true",
+                     help="train even if the memory plan says the GPU is too small (see `lens-tune plan`)")
     run.set_defaults(handler=run_training)
+
+    plan = commands.add_parser(
+        "plan",
+        help="predict the peak memory of every phase of a recipe and whether it fits the GPU (loads no weights)",
+        description="Predict the peak GPU memory of each phase (text-feature caching, class images, latent caching, "
+        "a training step at the largest bucket, validation samples) from the recipe and the model config, say "
+        "whether each fits the budget (--vram, or the detected GPU), and the cheapest recipe changes that make "
+        "training fit. No weights are loaded.",
+    )
+    add_recipe_arguments(plan, "the recipe YAML")
+    plan.add_argument("--vram", metavar="SIZE", help="the GPU memory to plan for, e.g. 16GiB, 16GB, 12000MiB "
+                      "(default: the detected GPU)")
+    plan.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                      help="plan a GPU run (default) or a CPU run (host memory, no budget)")
+    plan.add_argument("--text-tokens", type=_int_in(1, 512), help="caption feature length to plan for (default 128)")
+    plan.set_defaults(handler=run_plan)
 
     merge = commands.add_parser(
         "merge",
@@ -302,7 +320,35 @@ def run_sample(args: argparse.Namespace) -> None:
         print(f"  {path}")
 
 
+def run_plan(args: argparse.Namespace) -> None:
+    from lens_tune.plan import parse_size, plan_recipe
+
+    try:
+        vram = parse_size(args.vram) if args.vram else None
+    except ValueError as err:
+        raise UsageError(f"--vram: {err}") from None
+    print(plan_recipe(load(args), str(args.recipe), args.device, vram, args.text_tokens).text)
+
+
+def check_memory_plan(args: argparse.Namespace) -> None:
+    """`run`'s pre-check: print the memory plan; on a GPU, refuse a run whose training or validation will not fit
+    (unless --force). On a CPU it only reports: host memory is not budgeted."""
+    import torch
+
+    from lens_tune.plan import plan_recipe
+
+    on_gpu = args.device != "cpu" and torch.cuda.is_available()
+    result = plan_recipe(load(args), str(args.recipe), "cuda" if on_gpu else "cpu")
+    if on_gpu and result.fits is False and not args.force:
+        print(result.text, file=sys.stderr)
+        raise UsageError("the memory plan above does not fit this GPU: apply one of its changes, or train anyway "
+                         "with --force")
+    print(result.text)
+
+
 def run_training(args: argparse.Namespace) -> None:
+    if "LOCAL_RANK" not in os.environ:  # once, before any process starts
+        check_memory_plan(args)
     if args.num_processes > 1 and "LOCAL_RANK" not in os.environ:
         return relaunch_with_accelerate(args)
     import torch

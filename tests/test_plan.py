@@ -1,0 +1,102 @@
+"""`lens-tune plan` and `run`'s memory check: sizes of the real model, the work of a step, the table for every
+shipped recipe, the suggested changes, and the refusal of a run that will not fit."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from lens_tune.cli import check_memory_plan, main
+from lens_tune.plan import parse_size
+from lens_tune.plan.architecture import adapted_layers, architecture
+from lens_tune.plan.flops import training_step_flops
+from lens_tune.plan.memory import weight_bytes
+from lens_tune.recipe.schema import LoraSettings
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+GiB = 2**30
+# training-step peaks (GiB, at 16 GiB) of the recipes that use the real Lens from ./models/Lens (absent here)
+LENS_RECIPES = {"dreambooth.yaml": (9.0, 10.0), "dreambooth-8gb.yaml": (5.0, 6.0), "style.yaml": (9.3, 10.3)}
+
+
+def test_the_official_model_sizes():
+    arch = architecture({})
+    assert arch.params == 4_104_225_152  # as the state dict of the official config
+    assert round(weight_bytes(arch, 2, "none") / 1e9, 2) == 8.21
+    # int8 / nf4 quantise the blocks' attention and MLP layers only: the modulation layers (1.36B) stay bf16
+    assert round(weight_bytes(arch, 2, "int8") / 1e9, 2) == 5.50
+    assert round(weight_bytes(arch, 2, "nf4") / 1e9, 2) == 4.17
+    assert sum(layer.params for layer in adapted_layers({}, LoraSettings(rank=16))) == 39_788_544
+
+
+def test_the_work_of_a_step_at_1024_px():
+    arch = architecture({})
+    adapted = adapted_layers({}, LoraSettings(rank=16))
+    plain = training_step_flops(arch, adapted, 1, 4096, 128, checkpointing=False)
+    checkpointed = training_step_flops(arch, adapted, 1, 4096, 128, checkpointing=True)
+    assert round(plain.forward_linear / 1e12, 1) == 11.5 and round(plain.forward_attention / 1e12, 1) == 5.3
+    assert round(plain.model / 1e12) == 42 and round(checkpointed.executed / 1e12) == 59
+    assert checkpointed.model == plain.model
+
+
+def test_parse_size():
+    assert parse_size("16GiB") == 16 * GiB and parse_size("16 GB") == 16 * 10**9 and parse_size("12") == 12 * GiB
+    assert parse_size("12000MiB") == 12000 * 2**20
+    with pytest.raises(ValueError):
+        parse_size("lots")
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_plan_works_for_every_shipped_recipe(recipe, capsys):
+    assert main(["plan", str(RECIPES / recipe), "--vram", "16GiB"]) == 0
+    out = capsys.readouterr().out
+    for phase in ("text features", "latents", "training step"):
+        assert f"\n  {phase} " in out
+    row = next(line for line in out.splitlines() if line.startswith("  training step "))
+    assert row.split()[4] == "yes", row
+    if recipe in LENS_RECIPES:  # ./models/Lens is not here: the official config, said so
+        assert "planned with the official Lens configs" in out
+        assert "one layer at a time on the GPU" in out  # text features do not fit 16 GiB dequantised: the ways
+        low, high = LENS_RECIPES[recipe]
+        assert low < float(row.split()[2]) < high, row
+
+
+def test_plan_suggests_the_cheapest_changes(capsys):
+    assert main(["plan", str(RECIPES / "dreambooth.yaml"), "--vram", "16GiB", "train.gradient_checkpointing=false"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("  training step "))
+    assert "NO" in row and float(row.split()[2]) > 25  # 1472x736 without checkpointing: ~27.5 GiB
+    changes = out.split("Changes that make every training phase fit")[1].splitlines()[1:4]
+    assert changes[0].split()[0] == "train.gradient_checkpointing=true"
+
+
+def test_an_8_gib_card_is_told_about_the_validation_decode(capsys):
+    assert main(["plan", str(RECIPES / "dreambooth-8gb.yaml"), "--vram", "8GiB"]) == 0
+    out = capsys.readouterr().out
+    assert next(line for line in out.splitlines() if line.startswith("  validation ")).split()[3] == "NO"
+    assert "validation.width=512 validation.height=512" in out
+    assert "text_encoder_device / text_encoder_quantization are not implemented" in out
+
+
+def run_args(recipe: Path, *overrides: str, force: bool = False) -> argparse.Namespace:
+    return argparse.Namespace(recipe=recipe, overrides=list(overrides), device="auto", force=force)
+
+
+def test_run_refuses_a_plan_that_does_not_fit_the_gpu(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("lens_tune.plan.advice.detect_gpu_memory", lambda: (GiB // 2, "a 512 MiB test GPU"))
+    code = main(["run", str(RECIPES / "quickstart.yaml"), f"output.dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit this GPU" in err and "--force" in err
+    assert "  training step " in err and "a 512 MiB test GPU" in err
+    assert not (tmp_path / "runs").exists()
+    check_memory_plan(run_args(RECIPES / "quickstart.yaml", force=True))  # --force: reported, not refused
+
+
+def test_run_on_a_cpu_only_reports(capsys):
+    check_memory_plan(run_args(RECIPES / "dreambooth.yaml"))  # no GPU here: never refused
+    out = capsys.readouterr().out
+    assert "host memory (training on the CPU)" in out and "budget: none (CPU)" in out
