@@ -222,3 +222,22 @@ def test_quickstart_recipe_caches_then_reuses_everything(tmp_path, capsys, monke
     assert "aspect" in first and "total" in first  # the bucket histogram
     assert main(argv) == 0
     assert "text features 0 encoded / 8 reused, latents 0 encoded / 14 reused" in capsys.readouterr().out
+
+
+def test_text_encoder_placement_settings():
+    """model.text_encoder_device / text_encoder_quantization decide where GPT-OSS runs and whether MXFP4 stays."""
+    from lens_tune.data.prepare import text_encoder_device, text_encoder_keeps_mxfp4
+    from lens_tune.errors import LensTuneError
+    from lens_tune.recipe.schema import ModelSettings
+
+    class R:  # only the model section is read
+        def __init__(self, **model):
+            self.model = ModelSettings(source="tiny", **model)
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    assert text_encoder_device(R(), gpu) == gpu and text_encoder_device(R(text_encoder_device="cpu"), gpu) == cpu
+    with pytest.raises(LensTuneError, match="text_encoder_device is gpu but this run has no GPU"):
+        text_encoder_device(R(text_encoder_device="gpu"), cpu)
+    assert text_encoder_keeps_mxfp4(R()) and not text_encoder_keeps_mxfp4(R(text_encoder_quantization="none"))
+    with pytest.raises(LensTuneError, match="nf4 is not available"):
+        text_encoder_keeps_mxfp4(R(text_encoder_quantization="nf4"))

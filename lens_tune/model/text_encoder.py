@@ -438,11 +438,12 @@ def load_text_encoder(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
     revision: str | None = None,
+    keep_mxfp4: bool = True,
 ) -> LensGptOssEncoder:
     """Load the GPT-OSS text encoder (local folder or Hub repo id), frozen and in eval mode.
 
-    MXFP4 checkpoints stay MXFP4 only where that is fast (see ``_mxfp4_config_for``); elsewhere
-    they are dequantised to ``dtype``. Weights are read from safetensors only.
+    MXFP4 checkpoints stay MXFP4 only where that is fast (see ``_mxfp4_config_for``) and `keep_mxfp4`
+    allows it; elsewhere they are dequantised to ``dtype``. Weights are read from safetensors only.
     """
     folder = resolve_folder(path_or_repo, subfolder, revision)
     config = _read_config(folder)
@@ -453,6 +454,8 @@ def load_text_encoder(
 
     kwargs: dict[str, Any] = {}
     quant = _mxfp4_config_for(device, config)
+    if quant is None and not keep_mxfp4 and _quant_method(config) == "mxfp4":
+        quant = Mxfp4Config(dequantize=True)
     if quant is not None:
         kwargs["quantization_config"] = quant
     try:

@@ -164,13 +164,15 @@ def make_plan(recipe: Recipe, device: str = "cuda", text_tokens: int = DEFAULT_T
     phases = []
     # -- text features: GPT-OSS on the run's device, one caption at a time ------------------------------------------
     te, caption = configs.text_encoder, configs.text_offset + text_tokens
-    mxfp4 = gpu and _is_mxfp4(te) and _mxfp4_on_this_gpu(te)
+    on_cpu = gpu and recipe.model.text_encoder_device == "cpu"  # model.text_encoder_device: cpu keeps it off the GPU
+    mxfp4 = gpu and not on_cpu and _is_mxfp4(te) and _mxfp4_on_this_gpu(te) and recipe.model.text_encoder_quantization != "none"
     storage = "mxfp4" if mxfp4 else ("bf16" if weights == BF16 else "fp32")
     te_weights = components.text_encoder_weight_bytes(te, storage)
-    te_peak = te_weights + components.text_encoder_forward_bytes(te, caption, weights)
+    te_peak = 0 if on_cpu else te_weights + components.text_encoder_forward_bytes(te, caption, weights)
     kind = {"mxfp4": "MXFP4", "bf16": "bf16", "fp32": "float32"}[storage]
     dequantised = " (MXFP4 dequantised)" if _is_mxfp4(te) and not mxfp4 else ""
-    phases.append(Phase("text features", te_peak, f"GPT-OSS {kind}{dequantised} {mb(te_weights)} + one caption",
+    where = f", on the CPU ({mb(te_weights)} of host memory)" if on_cpu else ""
+    phases.append(Phase("text features", te_peak, f"GPT-OSS {kind}{dequantised} {mb(te_weights)} + one caption{where}",
                         "while captions are not cached", False))
     # -- class images: the pipeline, components taking turns on the GPU (model CPU offload) -------------------------
     if recipe.dreambooth.prior_preservation:
@@ -212,9 +214,6 @@ def make_plan(recipe: Recipe, device: str = "cuda", text_tokens: int = DEFAULT_T
         phases.append(Phase("validation", resident + max(denoise, decode),
                             f"{width}x{height}, {'denoising' if denoise >= decode else 'VAE decode'} at the peak",
                             "every validation.every steps", True))
-    if recipe.model.text_encoder_device != "auto" or recipe.model.text_encoder_quantization not in ("auto", "none"):
-        notes.append("model.text_encoder_device / text_encoder_quantization are not implemented yet: the encoder runs "
-                     "on the run's device as loaded (planned that way)")
     if recipe.lora.type == "dora":
         notes.append("DoRA: this estimate ran about 11% below measurement on a small model (LoRA, LoKr and LoHa "
                      "within 6%); leave that much room")
