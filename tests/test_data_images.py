@@ -276,3 +276,19 @@ def test_check_images_passes_load_options_and_validates_mode(tmp_path):
         check_images([item])
     with pytest.raises(ValueError, match="on_bad_image"):
         check_images([item], on_bad_image="ignore")
+
+
+def test_only_the_supported_formats_are_opened(monkeypatch):
+    # found while fuzzing: Pillow opens dozens of formats whatever the file is called, and renders EPS by running
+    # Ghostscript on it (a PostScript `{} loop` never ends). Only PNG, JPEG, WebP, GIF, BMP and TIFF are opened.
+    from PIL import EpsImagePlugin
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: pytest.fail("Ghostscript was started"))
+    endless = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n{} loop\n"
+    assert problem_of(endless).reason == (
+        "an image in EPS format, which lens-tune does not read; convert it to PNG, JPEG, WebP, GIF, BMP or TIFF"
+    )
+    assert problem_of(encode(noise(), "PPM")).reason.startswith("an image in PPM format, which lens-tune does not read")
+    assert problem_of(encode(noise(), "TGA")).reason.startswith("an image in TGA format")
+    for format in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"):
+        assert load(encode(noise(), format)).size == (128, 128), format

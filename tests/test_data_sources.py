@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 
 import pytest
@@ -103,6 +104,30 @@ def test_folder_items_empty_and_missing(tmp_path):
         folder_items(tmp_path / "readme.txt")
 
 
+def test_file_names_that_are_not_utf8_are_shown_with_escapes(tmp_path):
+    # found by tests/test_fuzz_images.py: a Latin-1 name reached messages as a lone surrogate, and printing the
+    # message to a UTF-8 terminal was a traceback
+    folder = os.fsencode(tmp_path)
+    with open(os.path.join(folder, b"caf\xe9.png"), "wb") as f:
+        f.write(png_bytes())
+    with open(os.path.join(folder, b"caf\xe9.txt"), "wb") as f:
+        f.write(b"caf\xe9 latte")  # not UTF-8 either
+    with pytest.raises(DatasetError) as error:
+        folder_items(tmp_path)
+    assert f"{tmp_path.resolve()}/caf\\xe9.txt: invalid continuation byte" in str(error.value)
+    str(error.value).encode("utf-8")
+    os.remove(os.path.join(folder, b"caf\xe9.txt"))
+    (item,) = folder_items(tmp_path)
+    assert item.origin == f"{tmp_path.resolve()}/caf\\xe9.png"
+    assert item.read_bytes() == png_bytes()  # the real file is still read
+
+
+def test_folder_names_the_file_system_refuses_are_dataset_errors(tmp_path):
+    # found by tests/test_fuzz_recipes.py: a 300-character folder name was a bare "[Errno 36] File name too long"
+    with pytest.raises(DatasetError, match=r"data folder .* cannot be read \(File name too long\); check the dataset's"):
+        folder_items(tmp_path / ("x" * 300))
+
+
 # --- metadata_items -----------------------------------------------------------------------------------------------
 
 
@@ -154,6 +179,22 @@ def test_metadata_items_lists_every_bad_line(tmp_path):
     assert "line 6: not a JSON object" in message
     assert "line 7: the caption" in message
     assert "line 1:" not in message
+
+
+def test_metadata_items_refuse_text_that_is_not_unicode_and_names_too_long(tmp_path):
+    write_image(tmp_path / "ok.png")
+    write_metadata(tmp_path, [
+        '{"file_name": "ok.png", "text": "a \\ud800 dog"}',  # JSON allows a lone surrogate escape
+        '{"file_name": "\\ud800.png"}',
+        {"file_name": "x" * 300 + ".png"},
+    ])
+    with pytest.raises(DatasetError) as error:
+        metadata_items(tmp_path)
+    message = str(error.value)
+    message.encode("utf-8")  # printable
+    assert "line 1: the caption is not valid Unicode text" in message
+    assert "line 2: file \\ud800.png does not exist" in message
+    assert "line 3: cannot look for file xxx" in message and "(File name too long)" in message
 
 
 def test_metadata_items_missing_or_empty(tmp_path):

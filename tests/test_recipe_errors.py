@@ -440,3 +440,46 @@ def test_cache_stops_at_once_when_the_weights_are_absent(tmp_path, capsys, monke
     assert elapsed < 5, elapsed
     assert not cache.exists() or not any(cache.iterdir())
     assert sorted(os.listdir(REPO)) == repo_entries  # no runs/, models/ or cache folder appeared
+
+
+# --------------------------------------------------------------------------------------------------
+# found by tests/test_fuzz_recipes.py: values that `validate` accepted and `run` then failed on
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("override", "fragment"), [
+    # NaN and infinity are no setting's meaning; a NaN would only show up as a NaN loss
+    ("train.logit_mean=.nan", "train.logit_mean: Input should be a finite number (got nan)"),
+    ("dreambooth.prior_loss_weight=.inf", "dreambooth.prior_loss_weight: Input should be a finite number (got inf)"),
+    # torch takes 64-bit seeds: 2**64 was "Overflow when unpacking long long" in a half-made run folder
+    ("train.seed=18446744073709551616", "train.seed: Input should be less than or equal to 9223372036854775807"),
+    ("validation.seeds=[0, 18446744073709551616]", "validation.seeds[1]: Input should be less than or equal to"),
+    ("dreambooth.class_image_seed=-1", "dreambooth.class_image_seed: Input should be greater than or equal to 0"),
+    # a sample 2**20 pixels wide would try to allocate terabytes
+    ("validation.width=1048576", "validation.width: width must be at most 8192 pixels, got 1048576"),
+    ("data.datasets.0.resolution=[128, 16384]", "data.datasets[0].resolution[1]: a resolution must be at most 8192"),
+    # a shift of 0 or less turns every sigma into 0 or a negative number
+    ("train.shift=-1", "train.shift: Input should be greater than 0 or 'auto' (got -1)"),
+    ("lora.blocks=[0, -1]", "lora.blocks[1]: Input should be greater than or equal to 0 (got -1)"),
+])
+def test_values_a_run_cannot_use_are_refused_by_validate(tmp_path, capsys, override, fragment):
+    path = write(tmp_path, BASE)
+    code, out, err = run(capsys, ["validate", str(path), override])
+    assert code == 2, out
+    assert f"command-line override `{override}`: {fragment}" in err, err
+
+
+def test_the_largest_seeds_and_sizes_are_accepted(tmp_path, capsys):
+    path = write(tmp_path, BASE)
+    overrides = ["train.seed=9223372036854775807", "validation.seeds=[0, 9223372036854775807]",
+                 "validation.width=8192", "train.shift=0.5"]
+    code, _, err = run(capsys, ["validate", str(path), *overrides])
+    assert code == 0, err
+
+
+def test_text_that_is_not_unicode_is_refused_with_its_position(tmp_path, capsys):
+    text = edit(BASE, ('class_prompt: "a photo of a toy robot"', 'class_prompt: "a photo of a \\ud800 robot"'))
+    path = write(tmp_path, text)
+    code, _, err = run(capsys, ["validate", str(path)])
+    spot = where(text, 'class_prompt: ^"a photo')
+    assert code == 2 and f"{path}:{spot}: 'a photo of a \\ud800 robot' is not valid Unicode text" in err, err

@@ -7,6 +7,7 @@ Every mistake test asserts the exact ``file:line:column``, the dotted path and w
 from __future__ import annotations
 
 import textwrap
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -475,6 +476,80 @@ def test_not_utf8():
     assert fail(None).startswith("r.yaml: not a UTF-8 text file")
 
 
+# Found by tests/test_fuzz_recipes.py: each of these was a traceback, a hang or an unprintable message.
+
+
+def test_control_characters_are_a_syntax_error_with_a_position():
+    Path("r.yaml").write_bytes(b"train:\n  steps: 1\x00\n")
+    assert fail(None).startswith("r.yaml:2:11: YAML syntax error: control character U+0000 is not allowed in YAML")
+    write("r.yaml", GOOD)
+    msg = fail(None, ["train.steps=5\x01"])
+    assert msg.startswith("command-line override `train.steps=5\\x01`: YAML syntax error: control character U+0001")
+
+
+def test_lone_surrogates_are_refused_and_pairs_are_joined():
+    # an argument that is not UTF-8 reaches Python with lone surrogates; the message must stay printable
+    write("r.yaml", GOOD)
+    msg = fail(None, ["model.source=caf\udce9"])
+    assert msg.startswith("command-line override `model.source=caf\\udce9`: YAML syntax error: U+DCFF") is False
+    assert "U+DCE9 is not valid Unicode text" in msg
+    msg.encode("utf-8")
+    msg = fail(GOOD + 'validation:\n  prompts: ["a \\ud800 dog"]\n')
+    assert msg.startswith("r.yaml:14:13: 'a \\ud800 dog' is not valid Unicode text")
+    msg = fail(GOOD + '"key \\udcff": 1\n')
+    assert msg.startswith("r.yaml:13:1: 'key \\udcff' is not valid Unicode text")
+    write("r.yaml", GOOD + 'validation:\n  prompts: ["\\ud83e\\udd16"]\n')  # an escaped pair: one emoji
+    assert load_recipe("r.yaml", Recipe).validation.prompts == ["\U0001f916"]
+
+
+def test_odd_characters_in_keys_are_shown_escaped():
+    msg = fail(GOOD + '"\\e[31mred\\u202e": 1\n')
+    assert "r.yaml:13:1: \\x1b[31mred\\u202e: unknown field '\\x1b[31mred\\u202e'" in msg
+
+
+def test_deep_nesting_is_an_error_not_a_recursion_error():
+    msg = fail("seed: " + "[" * 40 + "]" * 40 + "\n")
+    assert msg == "r.yaml:1:39: lists and mappings are nested too deeply here (more than 32 levels)"
+    msg = fail("seed: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert msg.startswith("r.yaml:1:") and "YAML syntax error: lists and mappings are nested too deeply" in msg
+
+
+def test_alias_bombs_are_an_error_not_a_hang():
+    lines = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]  # 10**10 values
+    started = time.monotonic()
+    msg = fail("\n".join(lines) + "\n")
+    assert "the recipe is too large: it holds more than 20,000 values (YAML aliases `*name`" in msg
+    assert time.monotonic() - started < 10
+    text = "s: &s '" + "y" * 100_000 + "'\nl: [" + ", ".join(["*s"] * 200) + "]\n"  # 20 MB of text from 100 kB
+    assert "more than 10,000,000 characters of text" in fail(text)
+    assert "a YAML alias refers to itself" in fail("x: &a [[*a]]\n")
+
+
+def test_merge_keys_merge_each_key_once_with_pyyaml_precedence():
+    # own keys win; in a list of merged mappings the earlier one wins; repeated merges do not multiply
+    write("r.yaml", "a: &a {x: 1, y: 1}\nb: &b {x: 2, z: 2}\nc: {<<: [*a, *b], y: 3}\nself: &s {<<: *s, k: 1}\n")
+    data, _ = load_recipe_data("r.yaml")
+    assert data["c"] == {"x": 1, "y": 3, "z": 2} and data["self"] == {"k": 1}
+    lines = ["m0: &m0 {k0: 0, k1: 1, k2: 2}"]  # each level merges the one below 10 times: PyYAML keeps 10**40 keys
+    lines += [f"m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 10)}], own{i}: {i}}}" for i in range(1, 41)]
+    write("r.yaml", "\n".join(lines) + "\n")
+    started = time.monotonic()
+    data, _ = load_recipe_data("r.yaml")
+    assert time.monotonic() - started < 10
+    assert data["m40"] == {"k0": 0, "k1": 1, "k2": 2, **{f"own{i}": i for i in range(1, 41)}}
+    assert "expected a mapping or a list of mappings for merging" in fail("x: {<<: [1]}\n")
+
+
+def test_a_long_list_of_problems_is_cut_short():
+    write("r.yaml", GOOD + "validation:\n  prompts: [" + ", ".join(["[1]"] * 60) + "]\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe("r.yaml", Recipe)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "invalid recipe r.yaml: 60 problems:" and len(info.value.issues) == 60
+    assert lines[50].startswith("  r.yaml:14:") and lines[51] == "  ... and 10 more problems" and lines[52] == HINT
+
+
 def test_extends_missing_file():
     write("recipes/r.yaml", "extends: ../base/nope.yaml\n")
     with pytest.raises(RecipeError) as info:
@@ -733,8 +808,8 @@ def test_explain_lists_nested_fields():
 def test_dump_yaml_round_trips():
     write(
         "r.yaml",
-        GOOD + "validation:\n  prompts: ['yes', '1e-4', '16:9', 'null', 'a: b', \"it's\"]\n  every: 5\n",
-    )
+        GOOD + "validation:\n  prompts: ['yes', '1e-4', '16:9', 'null', 'a: b', \"it's\", \"a\\Nb\"]\n  every: 5\n",
+    )  # "\N" is U+0085 (NEL), which PyYAML wrote in a way it read back as a space (found by the fuzz tests)
     recipe = load_recipe("r.yaml", Recipe)
     text = dump_yaml(recipe)
     assert "!!" not in text

@@ -23,6 +23,10 @@ DEFAULT_MIN_SIZE = 64
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 MODES_WITH_ALPHA = ("RGBA", "RGBa", "LA", "La", "PA")
 ON_BAD_IMAGE_CHOICES = ("error", "skip")
+# The formats of the supported extensions (JPEG includes MPO, a JPEG holding several pictures; DIB is a BMP variant).
+# Pillow reads many more, some by running other programs (EPS runs Ghostscript on the file): never for training.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "DIB", "TIFF")
+FORMATS_TEXT = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 
 
 class ImageProblem(DatasetError):
@@ -83,10 +87,15 @@ def open_header(data: bytes, origin: str, max_pixels: int | None) -> Image.Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         raise ImageProblem(origin, f"decompression bomb: {error}") from None
     except UnidentifiedImageError:
+        other = other_format(data)
+        if other:
+            raise ImageProblem(
+                origin, f"an image in {other} format, which lens-tune does not read; convert it to {FORMATS_TEXT}"
+            ) from None
         raise ImageProblem(origin, "not an image (cannot identify image file)") from None
     except (OSError, SyntaxError, ValueError) as error:  # a header Pillow recognises but cannot parse
         raise ImageProblem(origin, f"corrupt image header ({error})") from None
@@ -98,6 +107,17 @@ def open_header(data: bytes, origin: str, max_pixels: int | None) -> Image.Image
             f"{max_pixels:,} pixels",
         )
     return image
+
+
+def other_format(data: bytes) -> str | None:
+    """The format Pillow finds in `data` among all it knows (header only, nothing decoded), for the message."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as image:
+                return image.format
+    except Exception:  # only the wording of an error depends on it
+        return None
 
 
 def decode_fully(image: Image.Image, origin: str) -> None:

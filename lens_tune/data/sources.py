@@ -50,6 +50,16 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def shown(path: Path | str) -> str:
+    """A path as messages show it. A file name that is not UTF-8 (Latin-1 "caf\\xe9.png") reaches Python with lone
+    surrogates, which no UTF-8 terminal can print; its odd bytes are shown as escapes instead."""
+    text = os.fspath(path)
+    try:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that did not come from the file system (a JSON "\\ud800" escape)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 # --- a folder of images with optional sidecar caption files -------------------------------------------------------
 
 
@@ -65,13 +75,13 @@ def folder_items(folder: Path, caption_extension: str = ".txt", recursive: bool 
     image_paths = find_image_files(folder, recursive)
     if not image_paths:
         hint = "" if recursive else "subfolders were not searched because recursive is off"
-        raise no_images_error(str(folder.resolve()), hint)
+        raise no_images_error(shown(folder.resolve()), hint)
     captions, unreadable = {}, []
     for path in image_paths:
         try:
             captions[path] = read_sidecar_caption(path.with_suffix(caption_extension))
         except UnicodeDecodeError as error:
-            caption_file = path.with_suffix(caption_extension).resolve()
+            caption_file = shown(path.with_suffix(caption_extension).resolve())
             unreadable.append(f"  {caption_file}: {error.reason} at byte {error.start}")
     if unreadable:
         raise DatasetError(
@@ -81,7 +91,7 @@ def folder_items(folder: Path, caption_extension: str = ".txt", recursive: bool 
     return [
         ImageItem(
             id=path.relative_to(folder).as_posix(),
-            origin=str(path.resolve()),
+            origin=shown(path.resolve()),
             read_bytes=partial(Path.read_bytes, path),
             caption=captions[path],
         )
@@ -90,10 +100,19 @@ def folder_items(folder: Path, caption_extension: str = ".txt", recursive: bool 
 
 
 def require_folder(folder: Path) -> None:
-    if not folder.exists():
-        raise DatasetError(f"data folder {folder} does not exist; check the dataset's `folder` in the recipe")
-    if not folder.is_dir():
-        raise DatasetError(f"{folder} is not a folder; point the dataset's `folder` at the folder that holds the images")
+    try:
+        exists, is_dir = folder.exists(), folder.is_dir()
+    except OSError as error:  # a name too long for the file system, a folder we may not look into, ...
+        raise DatasetError(
+            f"data folder {shown(folder)} cannot be read ({error.strerror or error}); "
+            "check the dataset's `folder` in the recipe"
+        ) from None
+    if not exists:
+        raise DatasetError(f"data folder {shown(folder)} does not exist; check the dataset's `folder` in the recipe")
+    if not is_dir:
+        raise DatasetError(
+            f"{shown(folder)} is not a folder; point the dataset's `folder` at the folder that holds the images"
+        )
 
 
 def find_image_files(folder: Path, recursive: bool) -> list[Path]:
@@ -129,8 +148,10 @@ def metadata_items(path: Path) -> list[ImageItem]:
         lines = metadata_file.read_bytes().decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as error:
         raise DatasetError(
-            f"{metadata_file} is not valid UTF-8 ({error.reason} at byte {error.start}); re-save it as UTF-8"
+            f"{shown(metadata_file)} is not valid UTF-8 ({error.reason} at byte {error.start}); re-save it as UTF-8"
         ) from None
+    except OSError as error:
+        raise DatasetError(f"cannot read {shown(metadata_file)} ({error.strerror or error})") from None
     items, problems, first_line_of = [], [], {}
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -147,23 +168,39 @@ def metadata_items(path: Path) -> list[ImageItem]:
         items.append(item)
     if problems:
         raise DatasetError(
-            f"{metadata_file} has {len(problems)} bad line(s):\n" + "\n".join(problems)
+            f"{shown(metadata_file)} has {len(problems)} bad line(s):\n" + "\n".join(problems)
             + '\nEach line must be a JSON object like {"file_name": "images/cat.png", "text": "a cat"}, '
             "with file_name relative to the folder of the metadata file."
         )
     if not items:
-        raise no_images_error(str(metadata_file), "the metadata file lists no images")
+        raise no_images_error(shown(metadata_file), "the metadata file lists no images")
     return items
 
 
 def find_metadata_file(path: Path) -> Path:
-    if path.is_dir():
-        path = path / METADATA_FILE_NAME
-    if not path.is_file():
+    try:
+        if path.is_dir():
+            path = path / METADATA_FILE_NAME
+        found = path.is_file()
+    except OSError as error:  # a name too long for the file system, ...
         raise DatasetError(
-            f"metadata file {path} does not exist; create it or point the dataset's `metadata` at the right file"
+            f"metadata file {shown(path)} cannot be read ({error.strerror or error}); "
+            "check the dataset's `metadata` in the recipe"
+        ) from None
+    if not found:
+        raise DatasetError(
+            f"metadata file {shown(path)} does not exist; create it or point the dataset's `metadata` at the right file"
         )
     return path.resolve()
+
+
+def is_unicode_text(text: str) -> bool:
+    """False for text with lone surrogates (JSON allows "\\ud800"): no tokenizer or UTF-8 file can take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def metadata_line_item(line: str, base_folder: Path) -> ImageItem:
@@ -178,14 +215,20 @@ def metadata_line_item(line: str, base_folder: Path) -> ImageItem:
     if not isinstance(file_name, str) or not file_name.strip():
         raise ValueError('no "file_name" (it must be a non-empty string)')
     image_path = base_folder / file_name
-    if not image_path.is_file():
-        raise ValueError(f"file {file_name} does not exist (looked for {image_path})")
+    try:
+        found = image_path.is_file()
+    except OSError as error:  # e.g. a name too long for the file system
+        raise ValueError(f"cannot look for file {shown(file_name)} ({error.strerror or error})") from None
+    if not found:
+        raise ValueError(f"file {shown(file_name)} does not exist (looked for {shown(image_path)})")
     caption = record.get("text", record.get("caption"))
     if caption is not None and not isinstance(caption, str):
         raise ValueError(f'the caption ("text" or "caption") must be a string, not {type(caption).__name__}')
+    if caption is not None and not is_unicode_text(caption):
+        raise ValueError("the caption is not valid Unicode text (it holds a lone surrogate escape such as \\ud800)")
     return ImageItem(
         id=Path(file_name).as_posix(),
-        origin=str(image_path.resolve()),
+        origin=shown(image_path.resolve()),
         read_bytes=partial(Path.read_bytes, image_path),
         caption=caption,
     )

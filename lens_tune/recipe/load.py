@@ -78,8 +78,13 @@ class Origin(NamedTuple):
         return f"{self.file}:{self.line}:{self.column}"
 
 
+def _printable(text: str) -> str:
+    """`text` with characters a terminal would not show (control, format, lone surrogates) as escapes (\\x00)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _override_origin(text: str) -> Origin:
-    return Origin(f"command-line override `{text}`")
+    return Origin(f"command-line override `{_printable(text)}`")
 
 
 class Positions(Mapping):
@@ -170,10 +175,56 @@ _CORE_RESOLVERS = [
 ]
 
 
+# A recipe is a few hundred values. These limits turn a file that is nested without end, or whose aliases
+# (`*name`) repeat each other into billions of values ("billion laughs"), into an error instead of a hang.
+MAX_DEPTH = 32  # nested lists and mappings
+MAX_VALUES = 20_000  # values after expanding aliases (a recipe has hundreds)
+MAX_TEXT = 10_000_000  # characters of text after expanding aliases
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2 core-schema scalars (see the module docstring)."""
 
     yaml_implicit_resolvers: dict = {}
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        """Resolve `<<` merge keys as PyYAML does (the mapping's own keys win, then the earlier merged mapping),
+        keeping each merged key once: PyYAML keeps every repeat, so mappings that merge each other several times
+        grow exponentially."""
+        merged: list[list[yaml.Node]] = []
+        own = []
+        for key_node, value_node in node.value:
+            if key_node.tag != _MERGE_TAG:
+                if key_node.tag == "tag:yaml.org,2002:value":
+                    key_node.tag = "tag:yaml.org,2002:str"
+                own.append((key_node, value_node))
+                continue
+            sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+            for source in sources:
+                if not isinstance(source, yaml.MappingNode):
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"expected a mapping or a list of mappings for merging (`<<`), but found {source.id}",
+                        source.start_mark,
+                    )
+            merged.append(sources)
+        if not merged:
+            return
+        node.value = own  # merge keys are gone before recursing: a mapping may merge itself
+        entries = []
+        for sources in merged:  # later `<<` keys win; within one list, earlier mappings win
+            for source in reversed(sources):
+                self.flatten_mapping(source)
+                entries.extend(source.value)
+
+        def identity(key_node: yaml.Node) -> Any:
+            return (key_node.tag, key_node.value) if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+
+        own_keys = {identity(key_node) for key_node, _ in own}  # these win anyway (and a self-merge adds nothing)
+        last = {identity(key_node): index for index, (key_node, _) in enumerate(entries)}
+        keep = sorted(index for key, index in last.items() if key not in own_keys)
+        node.value = [entries[i] for i in keep] + own
 
 
 for _tag, _regexp, _first in _CORE_RESOLVERS:
@@ -229,6 +280,14 @@ for _tag, _regexp, _first in _CORE_RESOLVERS:
     _Dumper.add_implicit_resolver(_tag, _regexp, _first)
 
 
+def _represent_str(dumper: _Dumper, value: str) -> yaml.ScalarNode:
+    # PyYAML writes U+0085 (NEL) unescaped, and reads it back as a line break: double quotes escape it
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"' if "\x85" in value else None)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """A YAML parser error in plain words (without the position, which the caller adds)."""
@@ -278,11 +337,25 @@ class _Builder:
         self.positions = positions
         self.origin_of = origin_of  # mark -> Origin
         self._stack: set[int] = set()
+        self._values = 0
+        self._text = 0
 
     def build(self, node: yaml.Node, path: KeyPath, key_origin: Origin | None = None) -> Any:
         self.positions.set(path, self.origin_of(node.start_mark), key_origin)
+        self._values += 1
+        if self._values > MAX_VALUES or self._text > MAX_TEXT:
+            what = f"{MAX_VALUES:,} values" if self._values > MAX_VALUES else f"{MAX_TEXT:,} characters of text"
+            raise RecipeError(
+                f"{self.origin_of(node.start_mark)}: the recipe is too large: it holds more than {what} "
+                "(YAML aliases `*name` that repeat each other?)"
+            )
+        if len(path) > MAX_DEPTH:
+            raise RecipeError(
+                f"{self.origin_of(node.start_mark)}: lists and mappings are nested too deeply here "
+                f"(more than {MAX_DEPTH} levels)"
+            )
         if isinstance(node, yaml.ScalarNode):
-            return self.loader.construct_object(node, deep=True)
+            return self._scalar(node)
         if node.tag not in ("tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"):
             raise RecipeError(
                 f"{self.origin_of(node.start_mark)}: YAML syntax error: unsupported YAML tag {node.tag!r} "
@@ -300,6 +373,19 @@ class _Builder:
         finally:
             self._stack.discard(id(node))
 
+    def _scalar(self, node: yaml.ScalarNode) -> Any:
+        value = self.loader.construct_object(node, deep=True)
+        if isinstance(value, str):
+            self._text += len(value)
+            try:  # escaped surrogate pairs ("\\ud83e\\udd16") become the character; a lone one is not text
+                value = value.encode("utf-16-le", "surrogatepass").decode("utf-16-le")
+            except UnicodeDecodeError:
+                raise RecipeError(
+                    f"{self.origin_of(node.start_mark)}: {_show(value)} is not valid Unicode text "
+                    "(it holds a lone surrogate escape such as \\ud800); remove it"
+                ) from None
+        return value
+
     def _mapping(self, node: yaml.MappingNode, path: KeyPath) -> dict:
         explicit = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
         self.loader.flatten_mapping(node)  # resolves `<<: *anchor` merge keys
@@ -309,7 +395,7 @@ class _Builder:
             key_origin = self.origin_of(key_node.start_mark)
             if not isinstance(key_node, yaml.ScalarNode):
                 raise RecipeError(f"{key_origin}: a mapping key must be a plain name, not a list or mapping")
-            key = self.loader.construct_object(key_node, deep=True)
+            key = self._scalar(key_node)
             is_explicit = id(key_node) in explicit
             if is_explicit and key in written:
                 first = written[key]
@@ -328,21 +414,45 @@ class _Builder:
 def _parse_yaml(text: str, file: str, origin_of) -> tuple[Any, Positions, bool]:
     """Parse one YAML document. Returns (data, positions, empty)."""
     positions = Positions()
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # this already checks that every character may appear in YAML
         node = loader.get_single_node()
         if node is None:
             return None, positions, True
         data = _Builder(loader, positions, origin_of).build(node, ())
         return data, positions, False
+    except yaml.reader.ReaderError as err:  # a control character, or a lone surrogate from a command-line argument
+        code = ord(err.character) if isinstance(err.character, str) else err.character
+        mark = _index_mark(text, err.position)
+        if 0xD800 <= code <= 0xDFFF:
+            problem = f"U+{code:04X} is not valid Unicode text (a lone surrogate); remove it"
+        else:
+            kind = "control character" if code < 0x20 or 0x7F <= code < 0xA0 else "character"
+            problem = (
+                f"{kind} U+{code:04X} is not allowed in YAML; remove it, or write it as an escape "
+                "(such as \\x07) inside double quotes"
+            )
+        raise RecipeError(f"{origin_of(mark)}: YAML syntax error: {problem}") from None
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = str(origin_of(mark)) if mark is not None else file
         raise RecipeError(f"{where}: YAML syntax error: {_yaml_problem(err)}") from None
+    except RecursionError:  # PyYAML composes nested lists and mappings recursively
+        where = origin_of(loader.get_mark()) if loader is not None else file
+        raise RecipeError(f"{where}: YAML syntax error: lists and mappings are nested too deeply") from None
     except yaml.YAMLError as err:  # pragma: no cover - PyYAML raises marked errors for bad input
         raise RecipeError(f"{file}: YAML error: {err}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+def _index_mark(text: str, index: int) -> yaml.Mark:
+    """The mark (0-based line and column) of character `index` of `text`."""
+    line = text.count("\n", 0, index)
+    column = index - (text.rfind("\n", 0, index) + 1)
+    return yaml.Mark("<recipe>", index, line, column, None, None)
 
 
 def _read_file(path: Path, display: str) -> tuple[dict, Positions]:
@@ -755,7 +865,7 @@ def _data_at(data: Any, path: KeyPath) -> Any:
 def _dotted(path: KeyPath) -> str:
     out = ""
     for k in path:
-        out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else str(k))
+        out += f"[{k}]" if isinstance(k, int) else (f".{_printable(str(k))}" if out else _printable(str(k)))
     return out or "(top level)"
 
 
@@ -813,7 +923,7 @@ def _entry(err: dict, walk: _Walk, data: Any, positions: Positions) -> _Entry:
     if kind == "extra_forbidden":
         name = path[-1] if path else "?"
         origin = positions.key_origin(path) or positions.nearest(path)
-        text = f"unknown field '{name}'"
+        text = f"unknown field '{_printable(str(name))}'"
         if walk.owner is not None:
             keys = _field_keys(walk.owner)
             hint = _suggest(name, keys)
@@ -938,11 +1048,16 @@ def _issues(model_cls: type[BaseModel], data: Any, positions: Positions, errors:
     return issues
 
 
+MAX_LISTED = 50  # problems printed in full; `RecipeError.issues` has them all
+
+
 def _recipe_error(issues: list[Issue], source: str | None) -> RecipeError:
     n = len(issues)
     head = f"invalid recipe {source}" if source else "invalid recipe"
     lines = [f"{head}: {n} problem{'s' if n != 1 else ''}:"]
-    lines += [f"  {issue}" for issue in issues]
+    lines += [f"  {issue}" for issue in issues[:MAX_LISTED]]
+    if n > MAX_LISTED:  # e.g. a list of thousands of wrong items: the first ones show what is wrong
+        lines.append(f"  ... and {n - MAX_LISTED} more problems")
     lines.append("hint: " + EXPLAIN_HINT.format(recipe=source or "RECIPE"))
     error = RecipeError("\n".join(lines))
     error.issues = issues  # type: ignore[attr-defined]  # for programs (the UI) that show them one by one

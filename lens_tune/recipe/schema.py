@@ -15,15 +15,20 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pydantic_core import PydanticCustomError
 
 TRIGGER_PLACEHOLDER = "[trigger]"
+MAX_SIDE = 8192  # pixels; far beyond what Lens was trained at, and stops a typo from allocating terabytes
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds; class image i uses seed + i
 
 
 def _multiple_of_16(value: int, what: str = "a size") -> int:
     if value <= 0 or value % 16:
         raise ValueError(f"{what} must be a positive multiple of 16 (Lens works on 16-pixel tokens), got {value}")
+    if value > MAX_SIDE:
+        raise ValueError(f"{what} must be at most {MAX_SIDE} pixels, got {value}")
     return value
 
 
 Resolution = Annotated[int, AfterValidator(lambda v: _multiple_of_16(v, "a resolution"))]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 def rule_error(message: str, *at: str | int) -> PydanticCustomError:
@@ -32,7 +37,8 @@ def rule_error(message: str, *at: str | int) -> PydanticCustomError:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no NaN or infinity anywhere: no setting means "infinite", and NaN would only surface as a NaN loss
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSettings(Section):
@@ -125,7 +131,7 @@ class DreamBoothSettings(Section):
     class_image_steps: int | None = Field(None, ge=1, le=200, description="sampling steps for class images (null: 4 for turbo, else 20)")
     class_image_guidance: float | None = Field(None, ge=0.0, description="guidance for class images (null: 1 for turbo, else 5)")
     class_image_resolution: int | None = Field(None, description="class image size (null: the first dataset's first resolution)")
-    class_image_seed: int = Field(0, description="first seed; image i uses seed + i")
+    class_image_seed: Seed = Field(0, description="first seed; image i uses seed + i")
     prior_loss_weight: float = Field(1.0, ge=0.0, description="weight of the class images' loss")
 
     @field_validator("class_image_resolution")
@@ -150,7 +156,7 @@ class LoraSettings(Section):
     targets: Literal["attention", "attention-mlp", "all"] | list[str] = Field(
         "attention-mlp", description="attention | attention-mlp | all (adds img_mod/txt_mod) | a list of module names"
     )
-    blocks: list[int] | None = Field(None, description="indices of transformer blocks to adapt (null: all 48)")
+    blocks: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="indices of transformer blocks to adapt (null: all 48)")
     init_from: Path | None = Field(None, description="an adapter to continue training: a lens-tune adapter folder, or a diffusers, ComfyUI or kohya LoRA file")
 
 
@@ -171,18 +177,18 @@ class TrainSettings(Section):
     )
     logit_mean: float = Field(0.0, description="mean of the logit-normal sigma distribution")
     logit_std: float = Field(1.0, gt=0, description="std of the logit-normal sigma distribution")
-    shift: float | Literal["auto"] = Field("auto", description="sigma shift: auto grows with image tokens; 1 = none")
+    shift: Annotated[float, Field(gt=0)] | Literal["auto"] = Field("auto", description="sigma shift: auto grows with image tokens; 1 = none")
     ema: bool = Field(False, description="keep an exponential moving average of the adapter weights")
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="EMA decay per step")
     max_nonfinite_steps: int = Field(20, ge=1, description="consecutive NaN/inf losses that stop the run")
-    seed: int = Field(0, description="seed for data order, noise and sigma sampling")
+    seed: Seed = Field(0, description="seed for data order, noise and sigma sampling")
     tensorboard: bool = Field(False, description="also log loss, lr and grad norm to TensorBoard in RUN/tensorboard (pip install tensorboard)")
 
 
 class ValidationSettings(Section):
     prompts: list[str] = Field([], description="prompts rendered before training, every `every` steps and at the end")
     negative_prompt: str = Field("", description="negative prompt for validation samples")
-    seeds: list[int] = Field([0], min_length=1, description="one sample per prompt and seed")
+    seeds: list[Seed] = Field([0], min_length=1, description="one sample per prompt and seed")
     every: int = Field(250, ge=1, description="steps between validation samples")
     before_training: bool = Field(True, description="render a baseline before the first step")
     steps: int | None = Field(None, ge=1, le=200, description="sampling steps (null: the variant's default)")
