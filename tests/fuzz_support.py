@@ -3,7 +3,8 @@ runner and the case counts written to tests/artifacts/.
 
 Profiles: "fuzz" (the default: modest counts, derandomized so CI runs the same cases every time) and "soak"
 (LENS_TUNE_SOAK=1: 2000 examples per test with a fresh random seed). LENS_TUNE_FUZZ_SEED=N runs with seed N
-instead (it replays a soak run). The seed is written with the counts, and hypothesis prints it when a case fails.
+instead (it replays a soak run). The seed is written with the counts and shown in pytest's warnings summary, and
+hypothesis prints how to reproduce a failing case.
 No example database is kept, and hypothesis' own files go to a temporary folder, so no .hypothesis/ is left behind.
 """
 
@@ -18,9 +19,9 @@ import random
 import resource
 import shutil
 import signal
-import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -50,8 +51,13 @@ settings.register_profile("fuzz", max_examples=DEFAULT_EXAMPLES, derandomize=SEE
 settings.register_profile("soak", max_examples=SOAK_EXAMPLES, derandomize=SEED is None, **_common)
 PROFILE = "soak" if SOAK else "fuzz"
 
-if SOAK:  # bypass pytest's capture: a soak run should say which seed it used even when it passes
-    print(f"\nfuzz: soak mode, seed {SEED} (LENS_TUNE_FUZZ_SEED={SEED} replays it)", file=sys.__stderr__)
+
+class FuzzSeed(UserWarning):
+    """Says which seed a soak run used: pytest lists warnings in its summary even when every test passes."""
+
+
+if SEED is not None:
+    warnings.warn(FuzzSeed(f"fuzz tests ran with seed {SEED}; LENS_TUNE_FUZZ_SEED={SEED} runs the same cases"))
 
 
 def fuzz(examples: int = DEFAULT_EXAMPLES):
@@ -154,13 +160,14 @@ class Cases:
         tests = report.get("tests", {})
         tests[self.test] = {
             "cases": self.total,
+            "seed": SEED if SEED is not None else "derandomized",
             "outcomes": dict(sorted(self.outcomes.items())),
             "seconds": round(time.monotonic() - self.started, 2),
         }
         report = {
             "mode": MODE,
             "seed": SEED if SEED is not None else "derandomized",
-            "examples_per_test": SOAK_EXAMPLES if SOAK else DEFAULT_EXAMPLES,
+            "examples_per_test": f"up to {SOAK_EXAMPLES if SOAK else DEFAULT_EXAMPLES} (some tests fewer: see cases)",
             "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "total_cases": sum(entry["cases"] for entry in tests.values()),
             "tests": dict(sorted(tests.items())),

@@ -292,3 +292,16 @@ def test_only_the_supported_formats_are_opened(monkeypatch):
     assert problem_of(encode(noise(), "TGA")).reason.startswith("an image in TGA format")
     for format in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"):
         assert load(encode(noise(), format)).size == (128, 128), format
+
+
+def test_damaged_tiff_tags_are_a_problem_not_a_crash():
+    # found by tests/test_fuzz_images.py (soak): a flipped bit made a TIFF's StripOffsets a fraction, and Pillow's
+    # TypeError escaped the loader
+    data = bytearray(encode(noise(), "TIFF"))
+    (ifd,) = struct.unpack("<I", data[4:8])
+    (entries,) = struct.unpack("<H", data[ifd:ifd + 2])
+    strip_offsets = next(ifd + 2 + 12 * i for i in range(entries)
+                         if struct.unpack("<H", data[ifd + 2 + 12 * i:ifd + 4 + 12 * i])[0] == 273)
+    data[strip_offsets + 2:strip_offsets + 4] = struct.pack("<H", 5)  # LONG -> RATIONAL
+    reason = problem_of(bytes(data)).reason
+    assert reason == "corrupt image data (TypeError: 'IFDRational' object cannot be interpreted as an integer)"

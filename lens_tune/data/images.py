@@ -97,8 +97,10 @@ def open_header(data: bytes, origin: str, max_pixels: int | None) -> Image.Image
                 origin, f"an image in {other} format, which lens-tune does not read; convert it to {FORMATS_TEXT}"
             ) from None
         raise ImageProblem(origin, "not an image (cannot identify image file)") from None
-    except (OSError, SyntaxError, ValueError) as error:  # a header Pillow recognises but cannot parse
-        raise ImageProblem(origin, f"corrupt image header ({error})") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # a header Pillow recognises but cannot parse (damaged files raise many kinds)
+        raise ImageProblem(origin, f"corrupt image header ({describe(error)})") from None
     width, height = image.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageProblem(
@@ -124,17 +126,29 @@ def decode_fully(image: Image.Image, origin: str) -> None:
     """Decode every pixel now: a truncated or corrupt file must fail here, not halfway through training."""
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
+    except MemoryError:
+        raise
+    except Exception as error:  # damaged files make Pillow raise OSError, ValueError, TypeError, struct.error, ...
         # Pillow reports missing data as "image file is truncated"; everything else is corrupt data
         kind = "truncated file" if "truncated" in str(error) else "corrupt image data"
-        raise ImageProblem(origin, f"{kind} ({error})") from None
+        raise ImageProblem(origin, f"{kind} ({describe(error)})") from None
+
+
+def describe(error: Exception) -> str:
+    """Pillow's message, with the kind of error when the message alone says little (a TypeError from a damaged
+    TIFF tag reads "'IFDRational' object cannot be interpreted as an integer")."""
+    if isinstance(error, (OSError, SyntaxError, ValueError, EOFError)):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
 
 
 def upright(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation, so width and height are those the image is seen with."""
     try:
         ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of the pixels when nothing changes
-    except (OSError, SyntaxError, ValueError, TypeError, KeyError):
+    except MemoryError:
+        raise
+    except Exception:  # damaged EXIF raises many kinds of error (struct.error, IndexError, ...)
         pass  # broken EXIF is not a reason to reject the pixels: use the image as stored
     return image
 
@@ -159,7 +173,8 @@ def sixteen_bit_to_gray(image: Image.Image) -> Image.Image:
 
 def float_to_gray(image: Image.Image) -> Image.Image:
     """Float grey to 8 bits; the range is read from the largest value: [0, 1], 8-bit, or 16-bit."""
-    values = np.nan_to_num(np.asarray(image).astype(np.float64))
+    with np.errstate(invalid="ignore"):  # signalling NaNs (damaged files) warn when cast; nan_to_num zeroes them
+        values = np.nan_to_num(np.asarray(image).astype(np.float64))
     largest = values.max(initial=0.0)
     if largest <= 1.0:
         values = values * 255.0

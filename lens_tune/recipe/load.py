@@ -999,6 +999,10 @@ def _sort_key(issue: Issue, source: str | None) -> tuple:
     return (o.is_override, o.file != source, o.file, o.line or 0, o.column or 0)
 
 
+MAX_LISTED = 50  # problems printed in full; `RecipeError.issues` has them all
+MAX_PER_FORM = 3  # problems shown for each form of a value that may take several (`targets`: a name or a list)
+
+
 def _issues(model_cls: type[BaseModel], data: Any, positions: Positions, errors: list[dict]) -> list[Issue]:
     # entries reached through a non-discriminated union are grouped per union: pydantic reports one
     # error per member, which only makes sense together ("should be an integer or a string")
@@ -1040,15 +1044,16 @@ def _issues(model_cls: type[BaseModel], data: Any, positions: Positions, errors:
             issues.append(Issue(_value_origin(positions, item), _dotted(item), text + got + note))
             continue
         parts = []
+        per_form: dict[Any, int] = {}
         for tag, e, _ in members:
-            rel = _rel_dotted(e.path[len(item):])
-            parts.append(f"as {tag}: {rel + ': ' if rel else ''}{e.message()}")
+            per_form[tag] = per_form.get(tag, 0) + 1
+            if per_form[tag] <= MAX_PER_FORM:  # a list of 1,000 wrong items: the first few say what is wrong
+                rel = _rel_dotted(e.path[len(item):])
+                parts.append(f"as {tag}: {rel + ': ' if rel else ''}{e.message()}")
+        parts += [f"as {tag}: {n - MAX_PER_FORM} more problems" for tag, n in per_form.items() if n > MAX_PER_FORM]
         origin = _container_origin(positions, item) if isinstance(value, (dict, list)) else _value_origin(positions, item)
         issues.append(Issue(origin, _dotted(item), "matches none of the allowed forms: " + "; ".join(parts)))
     return issues
-
-
-MAX_LISTED = 50  # problems printed in full; `RecipeError.issues` has them all
 
 
 def _recipe_error(issues: list[Issue], source: str | None) -> RecipeError:
