@@ -15,16 +15,14 @@ import argparse
 import contextlib
 import io
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from recording import finish
 
-RESULTS_JSON = Path(__file__).parent / "results" / "train_overhead.json"
 EXAMPLES = Path(__file__).parents[1] / "examples" / "subject"
 
 RECIPE = f"""
@@ -68,7 +66,7 @@ def bare_step_times(recipe) -> list[float]:
     from lens_tune.model.transformer import LensTransformer2DModel
     from lens_tune.train.adapters import add_adapter
     from lens_tune.train.data import MicroBatchStream, load_batch, micro_batch_seed
-    from lens_tune.train.objective import flow_matching_loss, sample_sigmas
+    from lens_tune.train.objective import flow_matching_loss
 
     settings = recipe.train
     prepared = prepare_training_data(recipe, device=torch.device("cpu"), log=lambda *_: None)
@@ -77,16 +75,16 @@ def bare_step_times(recipe) -> list[float]:
     model.requires_grad_(False)
     params = add_adapter(model, recipe.lora)
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
-    batches = []
-    for index in range(settings.steps):
-        generator = torch.Generator().manual_seed(micro_batch_seed(settings.seed, index))
-        batch = load_batch(stream[index], cache, generator, torch.device("cpu"), torch.float32, (3, 32))
-        sigma = sample_sigmas(settings, 1, batch.grid[0] * batch.grid[1], generator)
-        batches.append((batch, sigma, torch.randn(batch.latents.shape, generator=generator)))
+    batches = [
+        load_batch(stream[index], cache, torch.Generator().manual_seed(micro_batch_seed(settings.seed, index)),
+                   torch.device("cpu"), torch.float32, (3, 32), settings)
+        for index in range(settings.steps)
+    ]
     times = []
-    for batch, sigma, noise in batches:
+    for batch in batches:
         start = time.perf_counter()
-        loss = flow_matching_loss(model, batch.latents, batch.text, batch.text_mask, batch.grid, batch.weights, sigma, noise)
+        loss = flow_matching_loss(model, batch.latents, batch.text, batch.text_mask, batch.grid, batch.weights,
+                                  batch.sigma, batch.noise)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
         optimizer.step()
@@ -109,19 +107,12 @@ def main() -> None:
             bare += bare_step_times(recipe)[warmup:]
             trainer += trainer_step_times(recipe)[warmup:]
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
-        "date": time.strftime("%Y-%m-%d"),
         "steps_measured": len(bare),
         "bare_median_ms": round(statistics.median(bare) * 1000, 3),
         "trainer_median_ms": round(statistics.median(trainer) * 1000, 3),
     }
     result["ratio"] = round(result["trainer_median_ms"] / result["bare_median_ms"], 3)
-    print(json.dumps(result))
-    if not args.no_record:
-        RESULTS_JSON.parent.mkdir(exist_ok=True)
-        RESULTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
-
+    finish(result, "train_overhead", record=not args.no_record)
 
 if __name__ == "__main__":
     main()

@@ -6,12 +6,15 @@ GPU; LoRA rank 16 on attention-mlp; AdamW8bit; batch 1 and the largest batch the
 peak allocated and reserved memory, median seconds per step after warm-up, image tokens per second, and MFU from
 the counted FLOPs (lens_tune.plan.flops). A naive baseline runs in the same process: PEFT LoRA with float32 AdamW
 states, no checkpointing, and the text encoder not cached: GPT-OSS-20B (random bf16 weights) stays on the GPU and
-encodes one caption per step, as a trainer without a feature cache does.
+encodes one caption per step, as a trainer without a feature cache does. The hot path's switches (VARIANTS: the
+attention mask off the fused kernels' path, prefetched inputs with one host read per step, fused AdamW, AdamW8bit
+without bitsandbytes' device sync per tensor, compiled blocks) are each timed off and on at the largest size.
 
     .venv/bin/python benchmarks/train_step_gpu.py                 # a CUDA GPU: ~6 min on an H100; writes the JSON
                                                                   # and the section in RESULTS.md
     .venv/bin/python benchmarks/train_step_gpu.py --device cpu --model smoke --sizes 64 128 --budget 48MiB \\
-        --steps 2 --warmup 1 --out /tmp/smoke.json                # the CPU smoke run the tests use
+        --variants mask inputs fused sync8bit --steps 2 --warmup 1 --out /tmp/smoke.json   # a CPU smoke run
+                                                                  # (no compile: inductor takes minutes on a CPU)
 
 On a CPU, memory is the measured peak of live tensor bytes (lens_tune.plan.measure) and reserved memory is not
 reported; the weights are float32 with no autocast, as the trainer runs on a CPU.
@@ -141,18 +144,37 @@ def build_text_encoder(config: dict, device: torch.device, dtype: torch.dtype):
 
 
 class Step:
-    """One training step as lens_tune.train.loop runs it (autocast, loss, backward, norm and clipping, optimizer)."""
+    """One training step as lens_tune.train.loop runs it (autocast, loss, backward, norm and clipping, optimizer).
 
-    def __init__(self, model, params, optimizer, config: Config, arch, device, weights_dtype, autocast, encoder=None):
+    `inputs` says where the micro-batch comes from: "resident" (made once on the device, nothing read back: the
+    ideal), "prefetched" (the trainer's way: loaded from the host one micro-batch ahead through pinned memory, loss
+    and gradient norm read back once per step) or "pageable" (the trainer before: loaded on time with pageable
+    copies, loss and norm read back one after the other). `padded` pads the last text token (the model then masks).
+    """
+
+    def __init__(self, model, params, optimizer, config: Config, arch, device, weights_dtype, autocast, encoder=None,
+                 inputs: str = "resident", padded: bool = False):
+        from lens_tune.train.data import Batch, Prefetcher, to_device
+
         grid, text_tokens = config.size // 16, config.text_tokens
         b = config.batch
         self.model, self.params, self.optimizer, self.device = model, params, optimizer, device
-        self.autocast, self.grid, self.encoder = autocast, (grid, grid), encoder
-        self.latents = torch.randn(b, grid * grid, arch.in_channels, device=device).to(weights_dtype)
-        self.noise = torch.randn_like(self.latents)
-        self.text = [torch.randn(b, text_tokens, arch.text_width, device=device).to(weights_dtype)
-                     for _ in range(arch.text_layers)]
-        self.mask = torch.ones(b, text_tokens, dtype=torch.bool, device=device)
+        self.autocast, self.encoder, self.inputs = autocast, encoder, inputs
+        mask = torch.ones(b, text_tokens, dtype=torch.bool)
+        mask[:, -1] = not padded
+
+        def put(tensor: torch.Tensor, dtype: torch.dtype = weights_dtype) -> torch.Tensor:
+            return to_device(tensor, device, dtype) if inputs == "prefetched" else tensor.to(device, dtype)
+
+        def load(index: int) -> Batch:  # random stand-ins for the cached features (the index does not matter)
+            return Batch(latents=put(torch.randn(b, grid * grid, arch.in_channels)),
+                         text=[put(torch.randn(b, text_tokens, arch.text_width)) for _ in range(arch.text_layers)],
+                         text_mask=put(mask, torch.bool) if padded else None, weights=put(torch.ones(b), torch.float32),
+                         grid=(grid, grid), sigma=put(torch.rand(b), torch.float32),
+                         noise=put(torch.randn(b, grid * grid, arch.in_channels)))
+
+        self.resident = load(0) if inputs == "resident" else None
+        self.batches, self.index = Prefetcher(load), 0
         self.ids = torch.randint(0, 1000, (b, TEXT_OFFSET + text_tokens), device=device) if encoder is not None else None
 
     def __call__(self) -> None:
@@ -161,14 +183,42 @@ class Step:
         if self.encoder is not None:  # the naive trainer encodes the caption every step (all layers, as Lens's last
             with torch.no_grad():     # selected layer is the encoder's last)
                 self.encoder.encode_layers(self.ids, None, [self.encoder.config.num_hidden_layers - 1])
-        b = self.latents.shape[0]
-        sigma, weights = torch.rand(b, device=self.device), torch.ones(b, device=self.device)
+        batch = self.resident or self.batches.get(self.index)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            loss = flow_matching_loss(self.model, self.latents, self.text, self.mask, self.grid, weights, sigma, self.noise)
+            loss = flow_matching_loss(self.model, batch.latents, batch.text, batch.text_mask, batch.grid,
+                                      batch.weights, batch.sigma, batch.noise)
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.index += 1
+        if self.inputs == "prefetched":
+            self.batches.prefetch(self.index)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        if self.inputs == "prefetched":
+            torch.stack([loss.detach(), norm]).tolist()
+        elif self.inputs == "pageable":
+            loss.item(), norm.item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def median_step_seconds(step: Step, device: torch.device, steps: int, warmup: int) -> tuple[float, float]:
+    """(median seconds of `steps` steps, seconds of the `warmup` steps before them); the peak memory statistics are
+    reset after the warm-up."""
+    cuda = device.type == "cuda"
+    started = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    warm = time.perf_counter() - started
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), warm
 
 
 def run_config(config: Config, model_config: dict, device: torch.device, steps: int, warmup: int, peak: float | None,
@@ -201,18 +251,7 @@ def run_config(config: Config, model_config: dict, device: torch.device, steps: 
     optimizer = build_optimizer(params, TrainSettings(optimizer=optimizer_name))
     encoder = build_text_encoder(encoder_config, device, weights_dtype) if config.naive else None
     step = Step(model, params, optimizer, config, arch, device, weights_dtype, cuda, encoder)
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+    median, _ = median_step_seconds(step, device, steps, warmup)
     if cuda:
         allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
     else:  # the live-tensor measurement, on the same model, adapter and a fresh optimizer
@@ -222,7 +261,6 @@ def run_config(config: Config, model_config: dict, device: torch.device, steps: 
         if encoder is not None:  # it is resident in the naive trainer
             allocated += sum(p.numel() * p.element_size() for p in encoder.parameters())
         reserved = None
-    median = statistics.median(times)
     record = {
         "name": config.name, "base": config.base, "size": config.size, "batch": config.batch,
         "checkpointing": config.checkpointing, "optimizer": optimizer_name, "adapter": "LoRA rank 16, attention-mlp (PEFT)",
@@ -240,6 +278,69 @@ def run_config(config: Config, model_config: dict, device: torch.device, steps: 
     if cuda:
         torch.cuda.empty_cache()
     return record
+
+
+# The hot path's switches, each measured off (first) and on: what each state does
+VARIANTS = {
+    "mask": ("a padded text token, masked in every block (SDPA with a mask)", "no padding: no mask (fused SDPA)"),
+    "inputs": ("micro-batch copied on time from pageable memory, loss and norm read back one by one",
+               "micro-batch prefetched through pinned memory, one read back per step (the trainer)"),
+    "fused": ("torch AdamW, foreach", "torch AdamW, fused"),
+    "sync8bit": ("bitsandbytes' AdamW8bit (a device sync after every tensor's update)", "lens-tune's AdamW8bit (none)"),
+    "compile": ("eager blocks", "compiled blocks (train.compile_blocks; the warm-up includes the compile)"),
+}
+
+
+def run_variants(names: list[str], model_config: dict, device: torch.device, size: int, text_tokens: int, steps: int,
+                 warmup: int, deadline: float) -> tuple[list[dict], list[str]]:
+    """Each switch in `names` off and on, at one configuration (unquantised base, `size` px, checkpointing, batch 1,
+    AdamW8bit unless the switch is the optimizer), all on one model: a switch is undone before the next,
+    and compile (which cannot be undone) goes last. Returns the records and the switches skipped for time."""
+    if not names:
+        return [], []
+    from lens_tune.plan.architecture import architecture
+    from lens_tune.recipe.schema import LoraSettings, TrainSettings
+    from lens_tune.train.adapters import add_adapter
+    from lens_tune.train.optim import build_optimizer
+
+    cuda = device.type == "cuda"
+    weights_dtype = torch.bfloat16 if cuda else torch.float32
+    arch, config = architecture(model_config), Config("variants", "none", size, 1, True, text_tokens)
+    model = build_transformer(model_config, device, weights_dtype, "none")
+    params = add_adapter(model, LoraSettings(rank=16, targets="attention-mlp"))
+    model.enable_gradient_checkpointing()
+    model.train()
+    records, skipped = [], []
+    for name in sorted(names, key=lambda n: n == "compile"):
+        if time.monotonic() > deadline:
+            skipped.append(f"variant {name}")
+            continue
+        record = {"variant": name, "size": size, "off": VARIANTS[name][0], "on": VARIANTS[name][1]}
+        for on in (False, True):
+            if name == "fused":
+                optimizer = torch.optim.AdamW(params, lr=1e-4, fused=on, foreach=not on)
+            elif name == "sync8bit" and not on:
+                import bitsandbytes.optim
+
+                optimizer = bitsandbytes.optim.AdamW8bit(params, lr=1e-4)
+            else:
+                optimizer = build_optimizer(params, TrainSettings())
+            model.register_to_config(mask_text_in_all_blocks=name == "mask" and not on)
+            if name == "compile" and on:
+                model.compile_repeated_blocks()
+            inputs = ("prefetched" if on else "pageable") if name == "inputs" else "resident"
+            step = Step(model, params, optimizer, config, arch, device, weights_dtype, cuda, inputs=inputs,
+                        padded=name == "mask" and not on)
+            median, warm = median_step_seconds(step, device, steps, warmup)
+            record[f"{'on' if on else 'off'}_step_s"] = round(median, 4)
+            record[f"{'on' if on else 'off'}_warmup_s"] = round(warm, 2)
+        record["speedup"] = round(record["off_step_s"] / record["on_step_s"], 3)
+        records.append(record)
+        print(json.dumps(record), flush=True)
+    del model, params, optimizer, step
+    if cuda:
+        torch.cuda.empty_cache()
+    return records, skipped
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,6 +425,13 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['name']} | {r['predicted_peak_gib']:.2f} | {r['peak_allocated_gib']:.2f} | "
                      f"{r['peak_reserved_gib'] if r['peak_reserved_gib'] is not None else '-'} | {error} | "
                      f"{r['median_step_s']:.3f} | {r['image_tokens_per_s']:.0f} | {mfu} |")
+    if result.get("variants"):
+        lines += ["", f"Hot-path switches, each off and on, at {result['variants'][0]['size']} px (base in the weights "
+                      "dtype, checkpointing, batch 1, AdamW8bit unless the switch is the optimizer); median s/step:", "",
+                  "| switch | off | s/step | on | s/step | speed-up |", "|---|---|---|---|---|---|"]
+        for v in result["variants"]:
+            lines.append(f"| {v['variant']} | {v['off']} | {v['off_step_s']:.3f} | {v['on']} | {v['on_step_s']:.3f} | "
+                         f"x{v['speedup']} |")
     if result.get("naive_vs_lens_tune"):
         n = result["naive_vs_lens_tune"]
         lines += ["", f"Naive baseline against lens-tune at the same size ({n['against']}): peak memory x"
@@ -355,6 +463,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, help="the GPU's peak dense bf16 TFLOPS (default: from its name)")
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="hot-path switches to measure off and on at the largest size (none: --variants alone)")
     parser.add_argument("--time-limit", type=float, default=420.0, help="seconds; later configurations are skipped")
     parser.add_argument("--out", type=Path, default=RESULTS_JSON)
     parser.add_argument("--no-markdown", action="store_true", help="do not update benchmarks/RESULTS.md")
@@ -369,17 +479,25 @@ def main() -> None:
     peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     batch_px = min(512, max(args.sizes)) if args.model == "official" else min(args.sizes)
     started, records, skipped = time.monotonic(), [], []
+    deadline = started + args.time_limit
+    # the cheap switches first; compile (its first steps wait for the compiler) after the configurations
+    variants, skipped = run_variants([n for n in args.variants if n != "compile"], model_config, device,
+                                     max(args.sizes), args.text_tokens, args.steps, args.warmup, deadline)
     for config in configurations(model_config, encoder_config, args.sizes, args.text_tokens, args.bases, args.optimizer,
                                  device, parse_size(args.budget), batch_px):
-        if time.monotonic() - started > args.time_limit:
+        if time.monotonic() > deadline:
             skipped.append(config.name)
             continue
         record = run_config(config, model_config, device, args.steps, args.warmup, peak, encoder_config)
         records.append(record)
         print(json.dumps(record), flush=True)
+    compiled, skipped_compile = run_variants([n for n in args.variants if n == "compile"], model_config, device,
+                                             max(args.sizes), args.text_tokens, args.steps, args.warmup, deadline)
+    variants += compiled
+    skipped += skipped_compile
     result = {"environment": environment(device, peak), "model": args.model, "text_tokens": args.text_tokens,
-              "steps": args.steps,
-              "warmup": args.warmup, "configs": records, "skipped_for_time": skipped}
+              "steps": args.steps, "warmup": args.warmup, "configs": records, "variants": variants,
+              "skipped_for_time": skipped}
     naive = next((r for r in records if r["name"].startswith("naive")), None)
     same_size = [r for r in records if not r["name"].startswith("naive") and r["size"] == batch_px
                  and r["batch"] == 1 and r["checkpointing"]]

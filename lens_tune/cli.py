@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from lens_tune.errors import LensTuneError
+from lens_tune.files import DiskFullError
 from lens_tune.logs import quiet_bitsandbytes_notice
 
 MAX_STEPS = 1000
@@ -367,8 +368,11 @@ def run_training(args: argparse.Namespace) -> None:
     try:
         result = train(recipe, resume=run_dir, checkpoint=checkpoint, device=device)
     except (LensTuneError, OSError, RuntimeError, KeyboardInterrupt) as error:
-        if main_process:  # say how to go on: resume the run, or (no run folder yet) run again, reusing the caches
-            folder = getattr(error, "run_folder", None)
+        folder = getattr(error, "run_folder", None)
+        # say how to go on: resume the run, or (no run folder yet) run again, reusing the caches; a mistake in the
+        # recipe or the data needs no such hint: its message says what to fix
+        bad_input = isinstance(error, LensTuneError) and not isinstance(error, DiskFullError)
+        if main_process and (folder or not bad_input):
             how = (f"resume with:\n  lens-tune run {args.recipe} --resume {folder}" if folder else
                    f"the caches written so far are kept; run again to continue:\n  lens-tune run {args.recipe}")
             print(f"\n{'Interrupted' if isinstance(error, KeyboardInterrupt) else 'Stopped'}; {how}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +11,8 @@ from PIL import Image
 
 from lens_tune.cli import main
 from tests.conftest import GOLDEN
+
+EXAMPLES = Path(__file__).parents[1] / "examples" / "subject"
 
 
 def sample(tmp_path, *extra, out="out"):
@@ -77,3 +80,34 @@ def test_bad_files_give_one_line_not_a_traceback(tmp_path, capsys):
     assert code == 2 and "neither an existing local path nor a Hub repo id" in err and "Traceback" not in err
     assert sample(tmp_path, "--adapter", str(tmp_path / "nope.safetensors")) == 2
     assert "nope.safetensors does not exist" in capsys.readouterr().err
+
+
+def test_run_with_bad_input_says_what_to_fix_and_no_run_again_hint(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {source: tiny}\n"
+        f"data: {{datasets: [{{kind: subject, folder: {tmp_path / 'no-such-folder'}}}]}}\n"
+        f"output: {{dir: {tmp_path / 'runs'}}}\ncache: {{dir: {tmp_path / 'cache'}}}\n"
+    )
+    code = main(["run", str(recipe), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no-such-folder" in err and "Traceback" not in err, err
+    assert "run again" not in err and "--resume" not in err, err  # the message says what to fix; nothing to continue
+    assert not list((tmp_path / "runs").glob("*/*"))  # no run folder was made
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("lora: {blocks: [99]}", "99"),
+    ("lora: {targets: [no_such_layer]}", "no_such_layer"),
+])
+def test_run_with_bad_adapter_settings_stops_before_caching_and_makes_no_run_folder(tmp_path, capsys, setting, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {source: tiny}\n"
+        f"data: {{trigger: sks, datasets: [{{kind: subject, folder: {EXAMPLES}}}]}}\n"
+        f"{setting}\noutput: {{dir: {tmp_path / 'runs'}}}\ncache: {{dir: {tmp_path / 'cache'}}}\n"
+    )
+    code = main(["run", str(recipe), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not list((tmp_path / "runs").glob("*/*")) and not (tmp_path / "cache").exists()

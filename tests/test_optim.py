@@ -119,6 +119,29 @@ def test_adamw8bit_uses_8bit_state_for_large_tensors():
     assert optimizer.state[params[1]]["state1"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("name, cls", [("adamw8bit", "AdamW8bit"), ("lion8bit", "Lion8bit")])
+def test_bitsandbytes_steps_equal_bitsandbytes_own_without_a_sync_per_tensor(name, cls, monkeypatch):
+    """bitsandbytes synchronises the device after every tensor's update (torch.cuda.synchronize on a GPU): ours does
+    the same updates, bit for bit, and synchronises only in its first step (bitsandbytes' own, which sets it up)."""
+    import bitsandbytes.optim
+    import bitsandbytes.optim.optimizer as bnb_optimizer
+
+    syncs = []
+    monkeypatch.setattr(bnb_optimizer, "sync_gpu", syncs.append)
+    ours, theirs = make_params(), make_params()
+    goal = targets(ours)
+    settings = TrainSettings(optimizer=name, learning_rate=LR[name], weight_decay=0.1)
+    optimizer = build_optimizer(ours, settings)
+    reference = getattr(bitsandbytes.optim, cls)(theirs, lr=LR[name], betas=optimizer.defaults["betas"],
+                                                  weight_decay=0.1, **({"eps": 1e-8} if name == "adamw8bit" else {}))
+    train(ours, goal, optimizer, build_lr_scheduler(optimizer, settings), steps=4)
+    assert len(syncs) == len(ours)  # the first step's only
+    train(theirs, goal, reference, build_lr_scheduler(reference, settings), steps=4)
+    assert len(syncs) == len(ours) + 4 * len(theirs)
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert optimizer.state_dict()["param_groups"] == reference.state_dict()["param_groups"]
+
+
 def test_adamw_not_fused_on_cpu():
     # the fused CPU kernel took 250 ms per step on the tiny model where the default path takes a few ms
     optimizer = build_optimizer(make_params(), TrainSettings(optimizer="adamw", weight_decay=0.1))

@@ -287,6 +287,44 @@ def test_adapter_kinds_and_optimizers_train_save_and_reload(tmp_path, overrides)
 # ---------------------------------------------------------------------------------------------------------------
 # Numbers, failures, TensorBoard
 # ---------------------------------------------------------------------------------------------------------------
+def test_a_batch_has_a_text_mask_only_where_text_is_padded():
+    """Equal caption lengths (the usual batch of one): no mask, decided on the host, so the model needs neither a
+    mask nor a device read to find out (an all-true mask and none give equal outputs: test_transformer)."""
+    from types import SimpleNamespace
+
+    from lens_tune.recipe.schema import TrainSettings
+    from lens_tune.train.data import load_batch
+
+    features = {"latent": {"tokens": torch.ones(16, 32)},
+                **{f"text{n}": {f"layer.{i}": torch.ones(n, 32) for i in range(3)} for n in (3, 5)}}
+    cache = SimpleNamespace(get=lambda key, verify: features[key])
+
+    def example(tokens: int):
+        return SimpleNamespace(latent_keys=["latent"], caption_keys=[f"text{tokens}"], caption_dropout=0.0,
+                               loss_weight=1.0, bucket=SimpleNamespace(height=64, width=64))
+
+    def batch(*lengths: int):
+        return load_batch([example(n) for n in lengths], cache, torch.Generator().manual_seed(0), torch.device("cpu"),
+                          torch.float32, (3, 32), TrainSettings())
+
+    assert batch(3).text_mask is None and batch(5, 5).text_mask is None
+    padded = batch(3, 5)
+    assert padded.text_mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5]
+    assert padded.sigma.shape == (2,) and padded.noise.shape == padded.latents.shape == (2, 16, 32)
+
+
+def test_the_prefetcher_hands_out_a_batch_loaded_ahead_once():
+    from lens_tune.train.data import Prefetcher
+
+    loads = []
+    batches = Prefetcher(lambda index: loads.append(index) or f"batch {index}")
+    batches.prefetch(3)
+    assert batches.get(3) == "batch 3" and loads == [3]
+    assert batches.get(3) == "batch 3" and loads == [3, 3]  # handed out once, then loaded again
+    batches.prefetch(5)
+    assert batches.get(4) == "batch 4" and loads == [3, 3, 5, 4]  # not the index loaded ahead: loaded now
+
+
 SHORT = BASE + "lora: {rank: 4}\ntrain: {steps: 4, optimizer: adamw}\ncheckpoint: {every: 2}\n"
 
 
@@ -330,3 +368,27 @@ def test_tensorboard_logging(tmp_path):
     assert [e.step for e in board.Scalars("loss")] == [1, 2, 3, 4]
     losses = step_losses(result.run)
     assert [round(e.value, 5) for e in board.Scalars("loss")] == [round(losses[s], 5) for s in (1, 2, 3, 4)]
+
+
+def test_compiled_blocks_train_like_eager_ones(tmp_path, monkeypatch):
+    """train.compile_blocks compiles every block and trains to the same losses. The blocks compile through dynamo
+    and AOTAutograd with the aot_eager backend: inductor's C++ code generation took about a minute for the tiny
+    model on this project's 2-core CPU machine, too slow for a unit test (the GPU benchmark times it)."""
+    from lens_tune.model.transformer import LensTransformer2DModel
+
+    compile_blocks, compiled = LensTransformer2DModel.compile_repeated_blocks, []
+
+    def aot_eager(model):
+        compile_blocks(model, backend="aot_eager")
+        compiled.extend(block._compiled_call_impl is not None for block in model.transformer_blocks)
+
+    monkeypatch.setattr(LensTransformer2DModel, "compile_repeated_blocks", aot_eager)
+    _, eager = train_in_process(write_recipe(tmp_path / "a", SHORT), "validation.prompts=[]")
+    assert compiled == []
+    _, result = train_in_process(write_recipe(tmp_path / "b", SHORT), "validation.prompts=[]",
+                                 "train.compile_blocks=true")
+    assert compiled == [True, True]
+    expected, losses = step_losses(eager.run), step_losses(result.run)
+    assert losses.keys() == expected.keys() == {1, 2, 3, 4}
+    for step, loss in losses.items():
+        assert loss == pytest.approx(expected[step], rel=1e-5)

@@ -200,6 +200,7 @@ class LensTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["LensTransformerBlock"]
+    _repeated_blocks = ["LensTransformerBlock"]  # what diffusers' compile_repeated_blocks() compiles
     _skip_layerwise_casting_patterns = ["norm"]
 
     @register_to_config

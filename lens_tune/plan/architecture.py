@@ -60,12 +60,12 @@ def _config_key(config: dict) -> str:
 def _architecture(key: str) -> Architecture:
     from lens_tune.model.loading import build_on_meta
     from lens_tune.model.transformer import LensTransformer2DModel
-    from lens_tune.train.adapters import QUANTIZED_LAYERS
+    from lens_tune.train.adapters import quantized_layers
 
     _quiet_diffusers()
     config = json.loads(key)
     model = build_on_meta(LensTransformer2DModel, config, "transformer config")
-    quantized = [block.get_submodule(name) for block in model.transformer_blocks for name in QUANTIZED_LAYERS]
+    quantized = [model.get_submodule(path) for path in quantized_layers(len(model.transformer_blocks))]
     resolved = dict(model.config)
     heads, head_dim = resolved["num_attention_heads"], resolved["attention_head_dim"]
     first_block = model.transformer_blocks[0]

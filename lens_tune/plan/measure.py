@@ -7,8 +7,8 @@ rounding and workspaces. It works on real tensors and on FakeTensorMode tensors,
 measured on a CPU without allocating its weights (`fake_adapted_transformer`).
 
 `measure_training_step` runs one step the way `lens_tune.train.loop.train` does (autocast, flow-matching loss,
-backward, gradient norm and clipping, optimizer step, zero_grad, EMA), after a first optimizer step has created the
-optimizer state, so the peak is that of a steady-state step. (The loop's step is not a function of its own, so
+backward, the next micro-batch loaded, gradient norm and clipping, optimizer step, zero_grad, EMA), after a first
+optimizer step has created the optimizer state, so the peak is that of a steady-state step. (The loop's step is not a function of its own, so
 this mirrors it; keep the two in step.)
 """
 
@@ -118,12 +118,13 @@ def measure_training_step(
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             loss = flow_matching_loss(transformer, latents, text, mask, (h, w), weights, sigma, noise)
             loss.backward()
+        upcoming = [torch.empty_like(t) for t in (latents, noise, *text)]  # the loop loads the next micro-batch here
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf)  # the loop always takes the norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update()
-        del latents, noise, text, mask, sigma, weights, loss
+        del latents, noise, text, mask, sigma, weights, loss, upcoming
     attention = tuple(sorted(op for op in live.ops if "scaled_dot_product" in op and "backward" not in op))
     return StepMeasurement(peak_bytes=live.peak, attention_ops=attention)
 

@@ -2,15 +2,17 @@
 
 The model follows what the trainer's code does (lens_tune.train.loop, adapters, optim; the transformer's forward):
 
-- Frozen base in the weights dtype (bf16 on GPUs, fp32 on CPUs), or int8 / nf4 (bitsandbytes) for the blocks'
-  attention and MLP layers; modulation layers, embeddings and norms stay in the weights dtype.
+- Frozen base in the weights dtype (bf16 on GPUs, fp32 on CPUs), or int8 / nf4 (bitsandbytes) for the layers
+  `quantize_base` replaces (attention and MLP); the rest, modulation included, stays in that dtype.
 - Adapter weights and their gradients in float32; optimizer state per optimizer (8-bit AdamW: two uint8 states
   and a float32 scale per 256 values; tensors under 4,096 values keep 32-bit state); the optional EMA copy.
 - Under bf16 autocast, autocast caches a bf16 copy of every adapter weight for the whole step.
 - Activations: what each operation of a block keeps for the backward pass (`_block`). A frozen Linear keeps
-  nothing (its weight gets no gradient); a LoRA layer keeps its own copy of its input (PEFT casts the input to the
-  adapter's float32, autocast casts that copy back to bf16); RMSNorm keeps a float32 copy of its input; the fused
-  attention kernels keep q, k, v, the output and a float32 log-sum-exp per head and token, never an S x S matrix.
+  nothing (its weight gets no gradient), nor does a quantised one (it keeps its weight only; bitsandbytes' own int8
+  layer kept its input, out of checkpointing's reach, lens-tune's does not); a LoRA layer keeps its own copy of its
+  input (PEFT casts the input to the adapter's float32, autocast casts that copy back to bf16); RMSNorm keeps a
+  float32 copy of its input; the fused attention kernels keep q, k, v, the output and a float32 log-sum-exp per head
+  and token, never an S x S matrix.
 - With gradient checkpointing a block keeps only its inputs, and the backward pass recomputes one block at a time.
 - The peak is the largest of the moments where memory is highest: the forward pass at the last block's MLP, and the
   backward pass of each block (its recomputation, with the gradients of the blocks after it already stored), and
@@ -151,8 +153,6 @@ class _Block:
     work_forward: int  # per image token
     work_backward: int  # per image token
     work_fixed: int
-    leak_image: int
-    leak_text: int
 
 
 def _block(setup: StepSetup, block: int, grad_in: bool, last: bool) -> _Block:
@@ -164,8 +164,6 @@ def _block(setup: StepSetup, block: int, grad_in: bool, last: bool) -> _Block:
     lora = setup.adapter_type in ("lora", "dora")
     # Without autocast a float32 input is kept as it is (no copy): several consumers then share it.
     aliases = not setup.autocast and t.linear == FP32
-    # bitsandbytes int8 layers keep their input for backward (nf4 layers and frozen Linears do not)
-    int8 = setup.quantization == "int8"
     # bf16 autocast over a float32 base: a frozen Linear whose input needs a gradient keeps autocast's bf16 copy of
     # its weight (only trainable weights are cached)
     weight_copy = BF16 if setup.autocast and setup.weight_bytes == FP32 and setup.quantization == "none" else 0
@@ -176,11 +174,7 @@ def _block(setup: StepSetup, block: int, grad_in: bool, last: bool) -> _Block:
             return 0
         return t.adapter * width * (1 if aliases else count) + (t.adapter * r * count if lora else 0)
 
-    def int8_inputs(width: int, dtype: int, adapted: bool) -> int:
-        """Bytes per token an int8 layer keeps of its input (unless an adapter keeps that same tensor)."""
-        return 0 if not int8 or (adapted and aliases) else dtype * width
-
-    saved, output, leak, fixed = {}, {}, {}, 0
+    saved, output, fixed = {}, {}, 0
     w2_input = 0
     for stream in ("img", "txt"):
         mine = [layer for layer in setup.adapted if layer.block == block and layer.stream == stream]
@@ -191,8 +185,6 @@ def _block(setup: StepSetup, block: int, grad_in: bool, last: bool) -> _Block:
         if grad_in:
             kept += fp32_copy * d + FP32  # norm1: float32 copy and 1/rms (the input itself is the previous output)
         kept += adapter_input(d, roles.count("qkv"))
-        leak[stream] = int8 * grad_in * t.modulated * d  # qkv input (bnb keeps it only if it needs a gradient)
-        kept += int8_inputs(d, t.modulated, "qkv" in roles) * grad_in
         if grad_in or "qkv" in roles:
             kept += 3 * t.linear * d  # qkv output: the QK norms keep views of q and k
             kept += 2 * fp32_copy * d + 2 * arch.heads * FP32  # the QK norms' float32 copies and 1/rms
@@ -207,8 +199,6 @@ def _block(setup: StepSetup, block: int, grad_in: bool, last: bool) -> _Block:
         kept += adapter_input(d, roles.count("mlp_in"))
         kept += 3 * t.linear * f  # SwiGLU: w1 output, its SiLU, w3 output
         kept += adapter_input(f, roles.count("mlp_out"))
-        kept += int8_inputs(d, t.modulated, "mlp_in" in roles) + int8_inputs(f, t.linear, "mlp_out" in roles)
-        leak[stream] += int8 * (t.modulated * d + t.linear * f)
         if stream == "img":
             w2_input = adapter_input(f, roles.count("mlp_out"))
         # the block output; after the last block the final LayerNorm keeps it (CUDA autocast: as float32)
@@ -218,13 +208,11 @@ def _block(setup: StepSetup, block: int, grad_in: bool, last: bool) -> _Block:
     if setup.adapter_type in ("lokr", "loha"):  # they build the full weight change and keep it for backward
         fixed += sum(t.adapter * layer.in_features * layer.out_features for layer in setup.adapted if layer.block == block)
     joint = 4 * t.attention * d + arch.heads * FP32  # q, k, v, output of the attention; its log-sum-exp
-    leak_joint = int8 * t.attention * d  # the attention output, input of the int8 output projections
 
     # The busiest forward moment is the image MLP's down projection: its input, the adapter's float32 cast of it
     # (autocast then keeps a bf16 copy), and four hidden-sized outputs (base, adapter, scaled adapter, residual).
     w2_adapted = bool(w2_input)
-    p_kept = (w2_adapted and aliases) or int8
-    work_forward = (0 if p_kept else t.linear * f) + (FP32 * f if w2_adapted and setup.autocast else 0)
+    work_forward = (0 if w2_adapted and aliases else t.linear * f) + (FP32 * f if w2_adapted and setup.autocast else 0)
     work_forward += (t.linear + 2 * t.adapter_out + t.linear) * d
     # The busiest backward moment is the start of the image MLP's backward: three gradients of its hidden width and
     # the one of the block output, once the down projection's kept input is freed.
@@ -232,7 +220,7 @@ def _block(setup: StepSetup, block: int, grad_in: bool, last: bool) -> _Block:
     # bitsandbytes dequantises the largest quantised weight for its matmuls (and, on CPU, int8 in forward too)
     work_fixed = t.linear * max(3 * d * d, d * f) if setup.quantization != "none" else 0
     return _Block(saved["img"] + joint, saved["txt"] + joint, fixed, output["img"], output["txt"], w2_input,
-                  work_forward, work_backward, work_fixed, leak["img"] + leak_joint, leak["txt"] + leak_joint)
+                  work_forward, work_backward, work_fixed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -263,9 +251,6 @@ def training_step(setup: StepSetup) -> StepMemory:
     def out(c: _Block) -> int:
         return b * (c.output_image * n + c.output_text * m)
 
-    def leaked(c: _Block) -> int:
-        return b * (c.leak_image * n + c.leak_text * m)
-
     checkpoint = b * (n + m) * arch.dim * t.linear  # a checkpointed block keeps its inputs (both streams)
 
     def moment(name: str, activations: int, work: int, gradients: int = 0, extra_inputs: int = 0) -> StepMemory:
@@ -283,7 +268,7 @@ def training_step(setup: StepSetup) -> StepMemory:
         c = blocks[i]
         current = kept(c) - out(c)  # the block's output was the next block's input, freed with its backward
         if setup.checkpointing:
-            held = (i + 1 - first) * checkpoint + rope + sum(leaked(blocks[j]) for j in range(first, i + 1))
+            held = (i + 1 - first) * checkpoint + rope
             moments.append(moment(f"backward, recomputing block {i}", held + current,
                                   flow + busiest * c.work_forward + c.work_fixed, grads_after))
         else:
@@ -292,7 +277,8 @@ def training_step(setup: StepSetup) -> StepMemory:
                               flow + busiest * c.work_backward + c.work_fixed, grads_after))
         grads_after += FP32 * sum(layer.params for layer in setup.adapted if layer.block == i)
     # the optimizer step: all gradients; torch's (foreach) AdamW makes one float32 temporary the size of the
-    # parameters (the denominator); the 8-bit optimizers update in place, Prodigy goes one tensor at a time
+    # parameters (the denominator); the 8-bit optimizers update in place, Prodigy goes one tensor at a time. The
+    # next micro-batch is already loaded (the loop loads it once the backward pass is under way).
     optimizer_work = FP32 * p if setup.optimizer == "adamw" else 0
-    moments.append(StepMemory(weights, trainer, FP32 * p, 0, 0, optimizer_work, inputs, "optimizer step"))
+    moments.append(StepMemory(weights, trainer, FP32 * p, 0, 0, optimizer_work, 2 * inputs, "optimizer step"))
     return max(moments, key=lambda mem: mem.peak)

@@ -183,6 +183,9 @@ class TrainSettings(Section):
     max_nonfinite_steps: int = Field(20, ge=1, description="consecutive NaN/inf losses that stop the run")
     seed: Seed = Field(0, description="seed for data order, noise and sigma sampling")
     tensorboard: bool = Field(False, description="also log loss, lr and grad norm to TensorBoard in RUN/tensorboard (pip install tensorboard)")
+    compile_blocks: bool = Field(
+        False, description="torch.compile every transformer block (faster steps on a GPU; the first steps, the first "
+        "validation samples and each new bucket size wait for a compile; needs a C++ compiler, and Triton on a GPU)")
 
 
 class ValidationSettings(Section):

@@ -63,8 +63,10 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
 # image tokens; txt_mod.1 modulates the text input of that attention), so they stay.
 UNUSED_IN_LAST_BLOCK = ("attn.to_add_out", "txt_mlp.w1", "txt_mlp.w2", "txt_mlp.w3")
 
-# The layers quantize_base replaces. Not the modulation layers (quantising img_mod/txt_mod is known to cause grid
-# artefacts in Lens), nor img_in, txt_in, norm_out, proj_out, the time embedding or any norm (small, sensitive).
+# The layers quantize_base replaces: the blocks' attention and MLP layers. Not the modulation layers: they are a
+# third of the weights, but quantising img_mod/txt_mod damages Lens's images (grid artefacts and broken text with a
+# uint4 release, see ../shared/lens-architecture.md, "Sensitivity of the modulation layers"); nor img_in, txt_in,
+# norm_out, proj_out, the time embedding or any norm (small, sensitive).
 QUANTIZED_LAYERS = ATTENTION_LAYERS + MLP_LAYERS
 
 _FULL_PATH = re.compile(r"transformer_blocks\.(\d+)\.(.+)")
@@ -158,6 +160,16 @@ def target_modules(
 # PEFT configs
 # ----------------------------------------------------------------------------------------------------------------
 _LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa"}
+
+
+def check_adapter_settings(lora: LoraSettings, transformer_folder: Path) -> None:
+    """Raise the error add_adapter would raise for these settings (targets, blocks, kind), from the transformer's
+    config alone: a run checks this before caching and before it makes a run folder."""
+    from lens_tune.model import loading
+    from lens_tune.model.transformer import LensTransformer2DModel
+
+    model = loading.build_on_meta(LensTransformer2DModel, loading.read_config(transformer_folder), str(transformer_folder))
+    adapter_config(lora, target_modules(model, lora.targets, lora.blocks))
 
 
 def _alpha(lora: LoraSettings) -> int | float:
@@ -704,17 +716,67 @@ def _remove_adapter(transformer: nn.Module, adapter_name: str) -> None:
 _INT8_CLASS: list[type] = []
 
 
-def _int8_linear_class() -> type:
-    """bnb's Linear8bitLt, made safe to move with the model (built on first use: importing bnb is slow).
+def _dequantize_int8(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight of bitsandbytes' row-wise int8 format (W = CB * SCB / 127), in `dtype`, rounded as bnb rounds it."""
+    return CB.to(dtype).mul_(SCB.unsqueeze(1).mul(1.0 / 127.0))
 
-    bnb keeps the int8 scales (SCB) beside the weight, as attributes of the parameter and of `layer.state`, and moves
-    them only in the layer's own `.to()`. `transformer.to("cuda")` does not call that: torch swaps each parameter's
-    data, so the scales stayed on the CPU and the first GPU forward failed ("Expected a cuda device, but got: cpu").
+
+class _FrozenInt8Linear(torch.autograd.Function):
+    """y = x·Wᵀ + b for a frozen int8 weight (CB, SCB), keeping only the weight for backward.
+
+    bitsandbytes' own autograd functions keep the input x as a plain attribute of their context, for a weight
+    gradient that a frozen base never needs. Saved-tensor hooks do not see such attributes, so gradient checkpointing
+    cannot drop them: every int8 layer's input stayed alive until backward (3.3 GiB at 1024 px). Here backward
+    computes grad_x = grad_y·W from the int8 weight alone.
+
+    The forward computes what bitsandbytes computes on that device (`int8_kernels` says which): int8 activations
+    times the int8 weight (its MatMul8bitLt without outlier columns: our layers use threshold 0) on GPUs and in
+    inference, or dequantise-and-matmul (its MatMul8bitFp) when training on a CPU. The backward is bnb's grad_x.
+    """
+
+    @staticmethod
+    def forward(ctx, x, CB, SCB, bias, int8_kernels: bool):
+        ctx.save_for_backward(CB, SCB)
+        ctx.x_dtype = x.dtype
+        if not int8_kernels:
+            return nn.functional.linear(x, _dequantize_int8(CB, SCB, x.dtype), bias)
+        import bitsandbytes.functional as bnb_functional
+
+        rows = x.reshape(-1, x.shape[-1])
+        CA, SCA, _ = bnb_functional.int8_vectorwise_quant(rows.to(torch.float16))
+        y = torch.ops.bitsandbytes.int8_scaled_mm.default(CA, CB, SCA, SCB, bias=bias, dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], CB.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        CB, SCB = ctx.saved_tensors
+        grad_x = torch.matmul(grad_y.to(ctx.x_dtype), _dequantize_int8(CB, SCB, ctx.x_dtype))
+        return grad_x, None, None, None, None
+
+
+def _int8_linear_class() -> type:
+    """bnb's Linear8bitLt for a frozen base (built on first use: importing bnb is slow), with two changes.
+
+    - Its forward goes through `_FrozenInt8Linear`, which keeps no input for backward (see there).
+    - It is safe to move with the model. bnb keeps the int8 scales (SCB) beside the weight, as attributes of the
+      parameter and of `layer.state`, and moves them only in the layer's own `.to()`. `transformer.to("cuda")` does
+      not call that: torch swaps each parameter's data, so the scales stayed on the CPU and the first GPU forward
+      failed ("Expected a cuda device, but got: cpu").
+
+    It stays a subclass of bnb's layer, so PEFT wraps it with its bnb-aware LoRA layers (merging dequantises it).
     """
     if not _INT8_CLASS:
         import bitsandbytes as bnb
 
         class Linear8bitLt(bnb.nn.Linear8bitLt):
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                if self.weight.CB is not None:
+                    self.init_8bit_state()  # bnb hands the int8 weight and scales to the layer's state on first use
+                bias = None if self.bias is None else self.bias.to(x.dtype)
+                # bnb's choice of kernels: dequantise-and-matmul only when training on a CPU/XPU (no fast int8 there)
+                int8_kernels = not (self.training and x.device.type in ("cpu", "xpu"))
+                return _FrozenInt8Linear.apply(x, self.state.CB, self.state.SCB, bias, int8_kernels)
+
             def _apply(self, fn, recurse=True):
                 super()._apply(fn, recurse)
                 weight, state = self.weight, self.state
@@ -762,13 +824,17 @@ def _quantized_linear(linear: nn.Linear, mode: str, compute_dtype: torch.dtype) 
     return layer
 
 
+def quantized_layers(n_blocks: int) -> list[str]:
+    """The full paths of the layers quantize_base replaces in a transformer of `n_blocks` blocks."""
+    return [f"transformer_blocks.{index}.{layer}" for index in range(n_blocks) for layer in QUANTIZED_LAYERS]
+
+
 def quantize_base(transformer: nn.Module, mode: Literal["int8", "nf4"]) -> None:
-    """Replace the blocks' qkv, output and MLP Linear layers by bitsandbytes int8 (`Linear8bitLt`) or nf4
+    """Replace the blocks' Linear layers listed by `quantized_layers` by bitsandbytes int8 (`Linear8bitLt`) or nf4
     (`Linear4bit`, computing in the model dtype) layers holding the same weights. Call it before add_adapter.
 
-    Kept unquantised: img_mod/txt_mod, img_in, txt_in, norm_out, proj_out, the time embedding and all norms (see
-    QUANTIZED_LAYERS). Sets `is_loaded_in_8bit` / `is_loaded_in_4bit`: PEFT only wraps bnb layers with its bnb-aware
-    LoRA layers when the model carries that flag (without it training runs, but merging is wrong).
+    Sets `is_loaded_in_8bit` / `is_loaded_in_4bit`: PEFT only wraps bnb layers with its bnb-aware LoRA layers when
+    the model carries that flag (without it training runs, but merging is wrong).
     """
     if mode not in ("int8", "nf4"):
         raise LensTuneError(f"Unknown quantisation '{mode}': use int8 or nf4.")
@@ -779,15 +845,13 @@ def quantize_base(transformer: nn.Module, mode: Literal["int8", "nf4"]) -> None:
     compute_dtype = transformer.dtype
     # Check every layer first, so that a refusal leaves the model untouched.
     layers = []  # (parent module, attribute, Linear)
-    for index, block in enumerate(transformer.transformer_blocks):
-        for layer_name in QUANTIZED_LAYERS:
-            parent_name, _, child = layer_name.rpartition(".")
-            parent = block.get_submodule(parent_name)
-            linear = getattr(parent, child)
-            path = f"transformer_blocks.{index}.{layer_name}"
-            if type(linear) is not nn.Linear:
-                raise LensTuneError(f"{path} is a {type(linear).__name__}, not a plain Linear layer.")
-            layers.append((parent, child, linear))
+    for path in quantized_layers(len(transformer.transformer_blocks)):
+        parent_name, _, child = path.rpartition(".")
+        parent = transformer.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        if type(linear) is not nn.Linear:
+            raise LensTuneError(f"{path} is a {type(linear).__name__}, not a plain Linear layer.")
+        layers.append((parent, child, linear))
     for parent, child, linear in layers:
         setattr(parent, child, _quantized_linear(linear, mode, compute_dtype))  # ModuleList "0" included
     if mode == "int8":

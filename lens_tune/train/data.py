@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from lens_tune.data.buckets import BucketBatchSampler
 from lens_tune.data.cache import FeatureCache
 from lens_tune.data.prepare import TrainingExample
+from lens_tune.recipe.schema import TrainSettings
+from lens_tune.train.objective import sample_sigmas
 
 
 def micro_batch_seed(seed: int, index: int) -> int:
@@ -47,16 +50,28 @@ class MicroBatchStream:
 class Batch:
     latents: torch.Tensor  # [B, h*w, C]
     text: list[torch.Tensor]  # per selected text layer, [B, L, H], zero-padded
-    text_mask: torch.Tensor  # [B, L] bool
+    text_mask: torch.Tensor | None  # [B, L] bool; None when no text token is padded (the model then needs no mask)
     weights: torch.Tensor  # [B] loss weights (prior_loss_weight for class images)
     grid: tuple[int, int]
+    sigma: torch.Tensor  # [B] noise levels
+    noise: torch.Tensor  # like latents
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: a copy from pageable memory synchronises with the
+    GPU, one from pinned memory with non_blocking does not (the cast is done on the host, before pinning)."""
+    tensor = tensor.to(dtype) if dtype is not None else tensor
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def load_batch(
     examples: list[TrainingExample], cache: FeatureCache, generator: torch.Generator, device: torch.device,
-    dtype: torch.dtype, text_shape: tuple[int, int],
+    dtype: torch.dtype, text_shape: tuple[int, int], settings: TrainSettings,
 ) -> Batch:
-    """Pick each example's image and caption variant and its caption dropout with `generator`; pad the text.
+    """Pick each example's image and caption variant and its caption dropout with `generator`, pad the text, then
+    draw sigma (per `settings`) and the noise from it, in that order.
 
     A dropped caption is Lens's unconditional input: no valid text token (zero features, mask all False), the same
     thing the sampler's classifier-free guidance feeds for an empty negative prompt. `text_shape` is (number of text
@@ -80,11 +95,36 @@ def load_batch(
                 text[layer, row, :n] = caption[f"layer.{layer}"]
             mask[row, :n] = True
     bucket = examples[0].bucket
+    grid = (bucket.height // 16, bucket.width // 16)
+    latents = torch.stack(latents)
+    sigma = sample_sigmas(settings, len(examples), grid[0] * grid[1], generator)
+    noise = torch.randn(latents.shape, generator=generator)
     return Batch(
-        latents=torch.stack(latents).to(device, dtype),
-        text=[t.to(device, dtype) for t in text],
-        text_mask=mask.to(device),
-        weights=torch.tensor([e.loss_weight for e in examples], device=device),
-        grid=(bucket.height // 16, bucket.width // 16),
+        latents=to_device(latents, device, dtype),
+        text=[to_device(t, device, dtype) for t in text],
+        text_mask=None if mask.all() else to_device(mask, device),
+        weights=to_device(torch.tensor([e.loss_weight for e in examples]), device),
+        grid=grid,
+        sigma=to_device(sigma, device),
+        noise=to_device(noise, device, dtype),
     )
 
+
+class Prefetcher:
+    """Micro-batches by index, the next one loaded ahead of use: while the GPU works on the current micro-batch,
+    the host reads and pads the next one and starts its copy to the device (see to_device).
+
+    `load(index)` must be a pure function of the index (as the micro-batch stream is), so a batch loaded ahead is
+    the one that would have been loaded on time.
+    """
+
+    def __init__(self, load: Callable[[int], Batch]):
+        self.load = load
+        self.ahead: tuple[int, Batch] | None = None
+
+    def get(self, index: int) -> Batch:
+        ahead, self.ahead = self.ahead, None
+        return ahead[1] if ahead is not None and ahead[0] == index else self.load(index)
+
+    def prefetch(self, index: int) -> None:
+        self.ahead = (index, self.load(index))

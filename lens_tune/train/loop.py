@@ -25,10 +25,17 @@ from lens_tune.faults import fault_point
 from lens_tune.model.sources import locate_model
 from lens_tune.recipe.lock import check_lock, locked, write_lock
 from lens_tune.recipe.schema import Recipe
-from lens_tune.train.adapters import add_adapter, adapter_state_dict, quantize_base, save_adapter, set_adapter_state_dict
+from lens_tune.train.adapters import (
+    add_adapter,
+    adapter_state_dict,
+    check_adapter_settings,
+    quantize_base,
+    save_adapter,
+    set_adapter_state_dict,
+)
 from lens_tune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from lens_tune.train.data import MicroBatchStream, load_batch, micro_batch_seed
-from lens_tune.train.objective import flow_matching_loss, sample_sigmas
+from lens_tune.train.data import MicroBatchStream, Prefetcher, load_batch, micro_batch_seed
+from lens_tune.train.objective import flow_matching_loss
 from lens_tune.train.optim import EMA, build_lr_scheduler, build_optimizer
 from lens_tune.train.run_folder import RunFolder, check_writable
 from lens_tune.train.samples import ValidationSampler
@@ -129,8 +136,10 @@ def _train(recipe, runs_dir, resume, checkpoint, device, log, stop: StopRequest)
     # -- the run folder (main process) and the caches (main first; the others then find everything cached) -------
     model_root = locate_model(recipe.model.source, recipe.model.revision)
     run = RunFolder.open(resume) if resume else None
-    if main and run is None:
-        check_writable(runs_dir or recipe.output.dir)  # before minutes of caching, not after
+    if run is None:
+        check_adapter_settings(recipe.lora, model_root / "transformer")  # a wrong lora.targets or lora.blocks, too
+        if main:
+            check_writable(runs_dir or recipe.output.dir)  # before minutes of caching, not after
     with accelerator.main_process_first():
         prepared: PreparedData = prepare_training_data(recipe, device=device, log=say)
     if recipe.lock is not None:
@@ -152,6 +161,8 @@ def _train(recipe, runs_dir, resume, checkpoint, device, log, stop: StopRequest)
         transformer = load_base(recipe, model_root, device, weights_dtype)
         torch.manual_seed(settings.seed)  # the adapter's random initialisation (LoRA A) is part of the run's identity
         params = add_adapter(transformer, recipe.lora)
+        if settings.compile_blocks:  # each block's module, so state-dict keys, adapters and checkpointing are unchanged
+            transformer.compile_repeated_blocks()
         optimizer = build_optimizer(params, settings)
         scheduler = build_lr_scheduler(optimizer, settings)
         ema = EMA(params, settings.ema_decay) if settings.ema else None
@@ -180,6 +191,13 @@ def _train(recipe, runs_dir, resume, checkpoint, device, log, stop: StopRequest)
         text_shape = (len(config.selected_layer_index), config.enc_hidden_dim)
         sampler = ValidationSampler(recipe, prepared.prompt_keys, cache, model_root, device) if main else None
         processes, accumulation = accelerator.num_processes, settings.gradient_accumulation
+
+        def micro_batch_index(attempt: int, micro: int) -> int:  # this process's share of the global stream
+            return (attempt * processes + accelerator.process_index) * accumulation + micro
+
+        batches = Prefetcher(lambda index: load_batch(
+            stream[index], cache, torch.Generator().manual_seed(micro_batch_seed(settings.seed, index)), device,
+            weights_dtype, text_shape, settings))
 
         def stop_requested() -> bool:  # every process must leave the loop at the same step
             if processes == 1:
@@ -230,33 +248,31 @@ def _train(recipe, runs_dir, resume, checkpoint, device, log, stop: StopRequest)
             started = time.perf_counter()
             total_loss = torch.zeros((), device=device)
             for micro in range(accumulation):
-                index = (attempts * processes + accelerator.process_index) * accumulation + micro
-                generator = torch.Generator().manual_seed(micro_batch_seed(settings.seed, index))
+                index = micro_batch_index(attempts, micro)
                 torch.manual_seed(micro_batch_seed(settings.seed, index) + 1)  # adapter dropout
-                batch = load_batch(stream[index], cache, generator, device, weights_dtype, text_shape)
-                tokens = batch.grid[0] * batch.grid[1]
-                sigma = sample_sigmas(settings, len(batch.weights), tokens, generator).to(device)
-                noise = torch.randn(batch.latents.shape, generator=generator).to(device, weights_dtype)
+                batch = batches.get(index)
                 sync = micro == accumulation - 1
                 with (nullcontext() if sync else accelerator.no_sync(model)), torch.autocast(
                     device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
                 ):
                     loss = flow_matching_loss(model, batch.latents, batch.text, batch.text_mask, batch.grid,
-                                              batch.weights, sigma, noise) / accumulation
+                                              batch.weights, batch.sigma, batch.noise) / accumulation
                     if fault_point("loss"):
                         loss = loss * float("nan")
                     accelerator.backward(loss)
+                # the GPU is still busy with this backward: load the next micro-batch meanwhile
+                batches.prefetch(micro_batch_index(attempts + 1, 0) if sync else index + 1)
                 total_loss += loss.detach()
                 fault_point("micro")
             if fault_point("grad"):
                 next(p for p in params if p.grad is not None).grad.fill_(float("nan"))
-            step_loss = accelerator.reduce(total_loss, reduction="mean").item()
             attempts += 1
-            # the norm of all gradients (clipping to max_grad_norm when set): a NaN/inf gradient with a finite loss
-            # must not reach the optimizer either
-            grad_norm = None
-            if math.isfinite(step_loss):
-                grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm or math.inf).item()
+            # The norm of all gradients (clipping to max_grad_norm when set): a NaN/inf gradient with a finite loss
+            # must not reach the optimizer either. (With a non-finite loss it is non-finite too; the step is skipped.)
+            grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm or math.inf)
+            # The step's one host synchronisation: whether to skip it must be known before optimizer.step(), and
+            # bitsandbytes' optimizers cannot skip a step on the device. The logged values come with the same read.
+            step_loss, grad_norm = torch.stack([accelerator.reduce(total_loss, reduction="mean"), grad_norm]).tolist()
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 nonfinite += 1

@@ -46,7 +46,7 @@ def sample_sigmas(settings, batch: int, image_tokens: int, generator: torch.Gene
 
 
 def flow_matching_loss(
-    model, latents: torch.Tensor, text: list[torch.Tensor], text_mask: torch.Tensor, grid: tuple[int, int],
+    model, latents: torch.Tensor, text: list[torch.Tensor], text_mask: torch.Tensor | None, grid: tuple[int, int],
     weights: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
 ) -> torch.Tensor:
     """Weighted mean over the batch of each sample's mean squared velocity error."""

@@ -3,7 +3,9 @@
 Optimizers (`train.optimizer`), all with `train.weight_decay` (decoupled where the optimizer has a choice):
 
 - `adamw8bit` (default): bitsandbytes AdamW8bit, betas (0.9, 0.999), eps 1e-8. Tensors with fewer than 4096
-  elements keep 32-bit state (bitsandbytes' `min_8bit_size`); larger ones use block-wise 8-bit state.
+  elements keep 32-bit state (bitsandbytes' `min_8bit_size`); larger ones use block-wise 8-bit state. Each tensor's
+  update is one fused kernel (no multi-tensor kernel exists); the device synchronisation bitsandbytes adds after
+  each one is left out (`_bitsandbytes_class`, also for `lion8bit`).
 - `adamw`: torch AdamW, same betas/eps, `fused=True` on CUDA (on CPU the fused kernel is far slower), otherwise
   torch's default (the multi-tensor `foreach` path on CUDA).
 - `lion8bit`: bitsandbytes Lion8bit, betas (0.9, 0.99). Lion's update is a sign, so every element moves by the full
@@ -72,6 +74,33 @@ def _bitsandbytes_optim():
 # --- optimizers ----------------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def _bitsandbytes_class(name: str) -> type[torch.optim.Optimizer]:
+    """bitsandbytes' optimizer `name` (AdamW8bit, Lion8bit), less its device synchronisation after every tensor.
+
+    bitsandbytes (0.50) calls torch.cuda.synchronize() after each parameter's update, which only its paged state
+    needs. A rank-16 LoRA on Lens has about 950 tensors: as many host waits per step, each leaving the GPU idle while
+    the next update is launched. Kernels on one stream run in order anyway, so the updates are the same.
+    """
+    base = getattr(_bitsandbytes_optim(), name)
+
+    class Unsynchronised(base):
+        def step(self, closure=None):
+            if closure is not None or self.is_paged or not self.initialized:
+                return super().step(closure)  # bitsandbytes' own first step sets the optimizer up
+            for gindex, group in enumerate(self.param_groups):
+                for pindex, p in enumerate(group["params"]):
+                    if p.grad is None:
+                        continue
+                    if not self.state[p]:
+                        self.init_state(group, p, gindex, pindex)
+                    self.update_step(group, p, gindex, pindex)
+            return None
+
+    Unsynchronised.__name__ = Unsynchronised.__qualname__ = name
+    return Unsynchronised
+
+
 def _torch_adamw(params: list, lr: float, weight_decay: float) -> torch.optim.AdamW:
     kwargs = dict(lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay)
     if all(p.is_cuda for p in params):
@@ -114,11 +143,11 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], settings: TrainSetting
         raise ValueError("build_optimizer: no parameters to optimise")
     name, lr, weight_decay = settings.optimizer, settings.learning_rate, settings.weight_decay
     if name == "adamw8bit":
-        return _bitsandbytes_optim().AdamW8bit(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay)
+        return _bitsandbytes_class("AdamW8bit")(params, lr=lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=weight_decay)
     if name == "adamw":
         return _torch_adamw(params, lr, weight_decay)
     if name == "lion8bit":
-        return _bitsandbytes_optim().Lion8bit(params, lr=lr, betas=LION_BETAS, weight_decay=weight_decay)
+        return _bitsandbytes_class("Lion8bit")(params, lr=lr, betas=LION_BETAS, weight_decay=weight_decay)
     if name == "adafactor":
         return _adafactor_class()(
             params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False, warmup_init=False
