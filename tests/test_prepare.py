@@ -217,11 +217,11 @@ def test_quickstart_recipe_caches_then_reuses_everything(tmp_path, capsys, monke
     argv = ["cache", "recipes/quickstart.yaml", f"cache.dir={tmp_path}"]
     assert main(argv) == 0
     first = capsys.readouterr().out
-    # 6 captions + the class prompt + 2 validation prompts, one of them the class prompt; 6 photos + 8 class images
-    assert "text features 8 encoded / 0 reused, latents 14 encoded / 0 reused" in first
+    # 6 captions + 2 validation prompts; 6 pictures (no prior preservation: no class images)
+    assert "text features 8 encoded / 0 reused, latents 6 encoded / 0 reused" in first
     assert "aspect" in first and "total" in first  # the bucket histogram
     assert main(argv) == 0
-    assert "text features 0 encoded / 8 reused, latents 0 encoded / 14 reused" in capsys.readouterr().out
+    assert "text features 0 encoded / 8 reused, latents 0 encoded / 6 reused" in capsys.readouterr().out
 
 
 def test_text_encoder_placement_settings():
