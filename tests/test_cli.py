@@ -82,15 +82,17 @@ def test_bad_files_give_one_line_not_a_traceback(tmp_path, capsys):
     assert "nope.safetensors does not exist" in capsys.readouterr().err
 
 
-def test_run_with_bad_input_says_what_to_fix_and_no_run_again_hint(tmp_path, capsys):
+def run_tiny(tmp_path, capsys, data: str, extra: str = "") -> tuple[int, str]:
+    """`lens-tune run` of a tiny-model recipe with this data section; its exit code and stderr."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        "model: {source: tiny}\n"
-        f"data: {{datasets: [{{kind: subject, folder: {tmp_path / 'no-such-folder'}}}]}}\n"
-        f"output: {{dir: {tmp_path / 'runs'}}}\ncache: {{dir: {tmp_path / 'cache'}}}\n"
-    )
+    recipe.write_text(f"model: {{source: tiny}}\ndata: {data}\n{extra}\n"
+                      f"output: {{dir: {tmp_path / 'runs'}}}\ncache: {{dir: {tmp_path / 'cache'}}}\n")
     code = main(["run", str(recipe), "--device", "cpu"])
-    err = capsys.readouterr().err
+    return code, capsys.readouterr().err
+
+
+def test_run_with_bad_input_says_what_to_fix_and_no_run_again_hint(tmp_path, capsys):
+    code, err = run_tiny(tmp_path, capsys, f"{{datasets: [{{kind: subject, folder: {tmp_path / 'no-such-folder'}}}]}}")
     assert code == 2 and "no-such-folder" in err and "Traceback" not in err, err
     assert "run again" not in err and "--resume" not in err, err  # the message says what to fix; nothing to continue
     assert not list((tmp_path / "runs").glob("*/*"))  # no run folder was made
@@ -101,13 +103,6 @@ def test_run_with_bad_input_says_what_to_fix_and_no_run_again_hint(tmp_path, cap
     ("lora: {targets: [no_such_layer]}", "no_such_layer"),
 ])
 def test_run_with_bad_adapter_settings_stops_before_caching_and_makes_no_run_folder(tmp_path, capsys, setting, message):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        "model: {source: tiny}\n"
-        f"data: {{trigger: sks, datasets: [{{kind: subject, folder: {EXAMPLES}}}]}}\n"
-        f"{setting}\noutput: {{dir: {tmp_path / 'runs'}}}\ncache: {{dir: {tmp_path / 'cache'}}}\n"
-    )
-    code = main(["run", str(recipe), "--device", "cpu"])
-    err = capsys.readouterr().err
+    code, err = run_tiny(tmp_path, capsys, f"{{trigger: sks, datasets: [{{kind: subject, folder: {EXAMPLES}}}]}}", setting)
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not list((tmp_path / "runs").glob("*/*")) and not (tmp_path / "cache").exists()
