@@ -26,7 +26,7 @@ from lens_tune.data.captions import caption_variants, resolve_caption
 from lens_tune.data.images import ImageProblem, check_images, load_image
 from lens_tune.data.sources import IMAGE_EXTENSIONS, folder_items, metadata_items
 from lens_tune.errors import DatasetError
-from tests.fuzz_support import Cases, fuzz, memory_limit, time_limit
+from tests.fuzz_support import Cases, fuzz, is_text, memory_limit, time_limit
 
 EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".PNG", ".JPG"]
 CASE_SECONDS = 15
@@ -557,11 +557,3 @@ def test_metadata_files(scratch):
 
     case()
     cases.record()
-
-
-def is_text(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from lens_tune.errors import RecipeError
 from lens_tune.recipe.load import load_recipe
 from lens_tune.recipe.schema import Recipe
-from tests.fuzz_support import Cases, assert_one_error, fuzz, run_cli
+from tests.fuzz_support import Cases, assert_one_error, fuzz, is_text, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -244,15 +244,6 @@ def names_a_path(path: tuple, value: Any = None) -> bool:
     if isinstance(value, dict):
         return any(key in PATH_FIELDS or names_a_path((), v) for key, v in value.items())
     return isinstance(value, list) and any(names_a_path((), v) for v in value)
-
-
-def is_text(text: str) -> bool:
-    """False for text with lone surrogates, which lens-tune refuses wherever it appears."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------------
