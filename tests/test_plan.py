@@ -59,8 +59,9 @@ def test_plan_works_for_every_shipped_recipe(recipe, capsys):
     assert row.split()[4] == "yes", row
     if recipe in LENS_RECIPES:  # ./models/Lens is not here: the official config, said so
         assert "planned with the official Lens configs" in out
-        # text features do not fit 16 GiB dequantised: the ways are listed (8gb caches them on the CPU instead)
-        assert ("one layer at a time on the GPU" in out) == (recipe != "dreambooth-8gb.yaml")
+        # the Lens recipes stream GPT-OSS's layers through the GPU: text features and class images fit 16 GiB
+        text = next(line for line in out.splitlines() if line.startswith("  text features "))
+        assert "streamed" in text and 3 < float(text.split()[2]) < 4 and text.split()[4] == "yes", text
         low, high = LENS_RECIPES[recipe]
         assert low < float(row.split()[2]) < high, row
 
@@ -80,7 +81,20 @@ def test_an_8_gib_card_is_told_about_the_validation_decode(capsys):
     assert next(line for line in out.splitlines() if line.startswith("  validation ")).split()[3] == "NO"
     assert "validation.width=512 validation.height=512" in out
     text = next(line for line in out.splitlines() if line.startswith("  text features "))
-    assert float(text.split()[2]) == 0 and "on the CPU" in text  # dreambooth-8gb: text_encoder_device: cpu
+    assert text.split()[4] == "yes" and "streamed" in text  # GPT-OSS streamed through the GPU fits 8 GiB too
+
+
+def test_text_encoder_placements_are_planned(capsys):
+    """Whole on the GPU does not fit 16 GiB dequantised, and the plan lists the ways; cpu and offload fit."""
+    peaks = {}
+    for device in ("auto", "offload", "cpu"):
+        assert main(["plan", str(RECIPES / "dreambooth.yaml"), "--vram", "16GiB", f"model.text_encoder_device={device}",
+                     "model.text_encoder_quantization=none"]) == 0
+        out = capsys.readouterr().out
+        text = next(line for line in out.splitlines() if line.startswith("  text features "))
+        peaks[device] = float(text.split()[2])
+        assert ("layers streamed through the GPU" in out) == (device == "auto")  # the ways, when it does not fit
+    assert peaks["auto"] > 38 and 3 < peaks["offload"] < 4 and peaks["cpu"] == 0
 
 
 def run_args(recipe: Path, *overrides: str, force: bool = False) -> argparse.Namespace:

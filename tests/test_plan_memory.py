@@ -218,6 +218,55 @@ def test_text_encoder_parameters_are_counted_exactly(config):
     assert components.text_encoder_params(config) == (experts, sum(p.numel() for p in model.parameters()) - experts)
 
 
+def test_streamed_text_encoder_peaks_where_the_plan_says(monkeypatch):
+    """model.text_encoder_device: offload on a small GPT-OSS whose layers outweigh its activations: the live bytes
+    made while a chunk of captions is encoded (layer copies, states, features, masks) against the plan."""
+    from transformers import GptOssConfig
+
+    from lens_tune.model import text_encoder
+    from lens_tune.model.text_encoder import LensGptOssEncoder
+    from lens_tune.plan import phases
+
+    config = {**TINY_TEXT_ENCODER_CONFIG, "hidden_size": 128, "intermediate_size": 256, "num_local_experts": 8,
+              "head_dim": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4}
+    with torch.random.fork_rng(devices=[]):
+        encoder = LensGptOssEncoder(GptOssConfig(**config)).eval().requires_grad_(False)
+    layers, captions, tokens = [1, 3], 8, 40
+    monkeypatch.setattr(phases, "CHUNK", captions)
+    monkeypatch.setattr(text_encoder, "ThreadPoolExecutor", _InlineExecutor)  # copies made where the mode sees them
+    inputs = [(torch.randint(config["vocab_size"], (1, tokens)), None) for _ in range(captions)]
+    encoder.stream_layers_to("cpu")
+    with torch.no_grad(), LiveTensorBytes() as live:
+        for weight in encoder.state_dict().values():  # host weights: counted before, so a view of one is not new
+            live.track(weight)
+        live.reset_peak()
+        before = live.current
+        encoder.encode_each(inputs, layers)
+    peak = live.peak - before
+    plan = phases.streamed_encoder_peak(config, tokens, len(layers), 4)
+    layer_bytes = components.text_encoder_layer_bytes(config, 4)
+    assert 2 * layer_bytes > plan / 2  # the layer copies dominate, as in GPT-OSS-20B
+    MEASURED["text encoder streamed, 8 captions"] = (peak / 2**20, plan / 2**20)
+    assert abs(plan / peak - 1) < 0.10, (peak, plan)
+
+
+class _InlineExecutor:
+    """ThreadPoolExecutor's submit, run at once on the calling thread (dispatch modes are per thread)."""
+
+    def __init__(self, **_):
+        pass
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self, wait=True):
+        pass
+
+
 def test_gpt_oss_20b_sizes():
     config = components.OFFICIAL_TEXT_ENCODER_CONFIG
     assert sum(components.text_encoder_params(config)) == 20_914_757_184

@@ -195,6 +195,27 @@ def test_class_images_are_generated_once_and_reused(workspace):
     assert sum(e.kind == "class" for e in more.examples) == 3
 
 
+def test_class_images_are_what_the_pipeline_draws_from_the_prompt(workspace):
+    """The class prompt is encoded once outside the pipeline; the pictures are those the whole pipeline draws."""
+    import numpy as np
+    from PIL import Image
+
+    from lens_tune.model.pipeline import LensPipeline
+    from lens_tune.model.sources import locate_model
+
+    recipe = recipe_of(workspace, "dreambooth.class_prompt=a photo of a toy robot", "dreambooth.prior_preservation=true",
+                       "dreambooth.num_class_images=2", "dreambooth.class_image_steps=2", "dreambooth.class_image_seed=7")
+    prepare(recipe)
+    pipe = LensPipeline.from_pretrained(locate_model("tiny", None), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    size = recipe.data.datasets[0].resolution[0]
+    expected = [np.asarray(pipe("a photo of a toy robot", height=size, width=size, num_inference_steps=2,
+                                guidance_scale=5.0, generator=torch.Generator().manual_seed(7 + i)).images[0])
+                for i in range(2)]
+    made = [np.asarray(Image.open(p)) for p in (workspace / "cache" / "class_images").glob("*.png")]
+    assert len(made) == 2 and all(any(np.array_equal(m, e) for m in made) for e in expected)
+
+
 def test_lock_file_round_trip_and_data_check(workspace):
     recipe = recipe_of(workspace)
     prepared = prepare(recipe)
@@ -226,7 +247,7 @@ def test_quickstart_recipe_caches_then_reuses_everything(tmp_path, capsys, monke
 
 def test_text_encoder_placement_settings():
     """model.text_encoder_device / text_encoder_quantization decide where GPT-OSS runs and whether MXFP4 stays."""
-    from lens_tune.data.prepare import text_encoder_device, text_encoder_keeps_mxfp4
+    from lens_tune.data.text_encoding import text_encoder_keeps_mxfp4, text_encoder_placement
     from lens_tune.errors import LensTuneError
     from lens_tune.recipe.schema import ModelSettings
 
@@ -235,9 +256,13 @@ def test_text_encoder_placement_settings():
             self.model = ModelSettings(source="tiny", **model)
 
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
-    assert text_encoder_device(R(), gpu) == gpu and text_encoder_device(R(text_encoder_device="cpu"), gpu) == cpu
+    assert text_encoder_placement(R(), gpu) == (gpu, None)
+    assert text_encoder_placement(R(text_encoder_device="cpu"), gpu) == (cpu, None)
+    assert text_encoder_placement(R(text_encoder_device="offload"), gpu) == (cpu, gpu)  # host weights, GPU layers
+    assert text_encoder_placement(R(text_encoder_device="offload"), cpu) == (cpu, None)  # no GPU: runs on the CPU
+    assert text_encoder_placement(R(), cpu) == (cpu, None)
     with pytest.raises(LensTuneError, match="text_encoder_device is gpu but this run has no GPU"):
-        text_encoder_device(R(text_encoder_device="gpu"), cpu)
+        text_encoder_placement(R(text_encoder_device="gpu"), cpu)
     assert text_encoder_keeps_mxfp4(R()) and not text_encoder_keeps_mxfp4(R(text_encoder_quantization="none"))
     with pytest.raises(LensTuneError, match="nf4 is not available"):
         text_encoder_keeps_mxfp4(R(text_encoder_quantization="nf4"))

@@ -392,3 +392,44 @@ def test_load_errors(tmp_path):
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ModelLoadError, match="gpt_oss"):
         load_text_encoder(other)
+
+
+def test_streamed_layers_give_the_same_features_copying_each_layer_once(monkeypatch, encoder, tensors, layers):
+    """stream_layers_to + encode_each: each input's features equal, bit for bit, encode_layers on the model in place;
+    each decoder layer's weights are copied once for all inputs, and at most two layers' copies are alive."""
+    import weakref
+
+    from lens_tune.model import text_encoder as module
+
+    inputs = [(_get(tensors, c, "input_ids"), _get(tensors, c, "attention_mask")) for c in CASES[:3]]
+    expected = [encoder.encode_layers(ids, mask, layers) for ids, mask in inputs]
+    alive, most = [], []
+    copy = module._LayerStream._copy
+
+    def watched(self, i):
+        copies, done = copy(self, i)
+        alive.append(weakref.ref(next(iter(copies.values()))))
+        most.append(sum(ref() is not None for ref in alive))
+        return copies, done
+
+    monkeypatch.setattr(module._LayerStream, "_copy", watched)
+    encoder.stream_layers_to("cpu")
+    try:
+        streamed = encoder.encode_each(inputs, layers)
+    finally:
+        encoder.stream_layers_to(None)
+    for got, want in zip(streamed, expected, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert len(most) == max(layers) + 1 >= 3  # every layer up to the deepest selected one, copied once
+    assert max(most) == 2
+
+
+def test_encode_text_each_is_encode_text_per_prompt(tokenizer, encoder, layers):
+    """What caching stores (each caption alone, layer by layer over a list) is what the pipeline computes."""
+    from lens_tune.model.text_encoder import encode_text_each
+
+    prompts = ["a cat", "a photo of a red robot on a table, studio light", "x"]
+    offset = chat_prefix_length(tokenizer)
+    for prompt, (features, mask) in zip(prompts, encode_text_each(tokenizer, encoder, prompts, layers, 512, offset)):
+        want_features, want_mask = encode_text(tokenizer, encoder, [prompt], layers, 512, offset)
+        assert torch.equal(mask, want_mask) and all(torch.equal(a, b) for a, b in zip(features, want_features))

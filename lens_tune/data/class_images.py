@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from lens_tune.data.cache import content_key, folder_fingerprint
 from lens_tune.data.sources import ImageItem, folder_items
+from lens_tune.data.text_encoding import encode_captions
 from lens_tune.faults import fault_point
 from lens_tune.files import atomic_write
 from lens_tune.model.sources import locate_model
@@ -55,16 +56,23 @@ def generate_class_images(recipe: Recipe, cache_root: Path, device: torch.device
         f"('{db.class_prompt}', {settings['steps']} steps, guidance {settings['guidance']}, {settings['size']} px)")
     if todo:
         from lens_tune.model.pipeline import LensPipeline
+        from lens_tune.model.text_encoder import DEFAULT_MAX_SEQUENCE_LENGTH
 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        pipe = LensPipeline.from_pretrained(model_root, torch_dtype=dtype, device="cpu" if device.type == "cuda" else device)
+        # One prompt: encoded once with GPT-OSS placed as for caption caching (model.text_encoder_device), so the
+        # pipeline runs without its largest component.
+        [(_, features, mask)] = encode_captions(model_root, recipe, device, dtype, [db.class_prompt],
+                                                DEFAULT_MAX_SEQUENCE_LENGTH)
+        pipe = LensPipeline.from_pretrained(model_root, torch_dtype=dtype, device="cpu" if device.type == "cuda" else device,
+                                            text_encoder=None, tokenizer=None)
         if device.type == "cuda":
-            pipe.enable_model_cpu_offload(device=device)  # text encoder, transformer and VAE take turns on the GPU
+            pipe.enable_model_cpu_offload(device=device)  # transformer and VAE take turns on the GPU
         pipe.set_progress_bar_config(disable=True)
         for i, path in tqdm(todo, desc="class images", unit="image"):
             image = pipe(
-                db.class_prompt, height=settings["size"], width=settings["size"], num_inference_steps=settings["steps"],
-                guidance_scale=settings["guidance"], generator=torch.Generator("cpu").manual_seed(db.class_image_seed + i),
+                prompt_embeds=features, prompt_mask=mask, height=settings["size"], width=settings["size"],
+                num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                generator=torch.Generator("cpu").manual_seed(db.class_image_seed + i),
             ).images[0]
             atomic_write(path, lambda tmp: image.save(tmp, format="PNG"), what="a class image")  # never half a PNG
             fault_point("class-images")

@@ -23,6 +23,7 @@ from lens_tune.data.captions import caption_variants, resolve_caption
 from lens_tune.data.class_images import class_image_settings, generate_class_images
 from lens_tune.data.images import CheckedImage, ImageProblem, bad_images_message, check_images, load_image
 from lens_tune.data.sources import ImageItem, folder_items, hub_items, metadata_items
+from lens_tune.data.text_encoding import encode_captions
 from lens_tune.errors import DatasetError, LensTuneError
 from lens_tune.faults import fault_point
 from lens_tune.model.sources import locate_model
@@ -179,46 +180,20 @@ def release(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def text_encoder_device(recipe: Recipe, device: torch.device) -> torch.device:
-    """model.text_encoder_device: where GPT-OSS runs while captions are encoded (the features are the same)."""
-    wanted = recipe.model.text_encoder_device
-    if wanted == "gpu" and device.type != "cuda":
-        raise LensTuneError("model.text_encoder_device is gpu but this run has no GPU; use auto or cpu.")
-    return torch.device("cpu") if wanted == "cpu" else device
-
-
-def text_encoder_keeps_mxfp4(recipe: Recipe) -> bool:
-    """model.text_encoder_quantization: auto keeps MXFP4 where it runs natively, none always dequantises."""
-    if recipe.model.text_encoder_quantization == "nf4":
-        raise LensTuneError(
-            "model.text_encoder_quantization: nf4 is not available: bitsandbytes cannot quantise GPT-OSS's fused "
-            "expert tensors (91% of its weights). Use text_encoder_device: cpu to cache text features on a small GPU."
-        )
-    return recipe.model.text_encoder_quantization != "none"
-
-
 def cache_text_features(
-    captions: list[str], keys: dict[str, str], cache: FeatureCache, model_root: Path, device: torch.device,
-    dtype: torch.dtype, shard_bytes: int, keep_mxfp4: bool = True,
+    captions: list[str], keys: dict[str, str], cache: FeatureCache, model_root: Path, recipe: Recipe,
+    device: torch.device, dtype: torch.dtype, shard_bytes: int,
 ) -> int:
-    """Encode the captions whose keys are missing; one caption per forward, as the pipeline's encode_prompt does."""
+    """Encode the captions whose keys are missing."""
     todo = [c for c in captions if keys[c] not in cache]
     if not todo:
         return 0
-    from lens_tune.model.text_encoder import chat_prefix_length, encode_text, load_text_encoder, load_tokenizer
-    from lens_tune.model.transformer import LensTransformer2DModel
-
-    layers = LensTransformer2DModel.load_config(model_root / "transformer")["selected_layer_index"]
-    tokenizer = load_tokenizer(model_root / "tokenizer")
-    encoder = load_text_encoder(model_root / "text_encoder", dtype=dtype, device=device, keep_mxfp4=keep_mxfp4)
-    offset = chat_prefix_length(tokenizer)
+    encoded = encode_captions(model_root, recipe, device, dtype, todo, MAX_SEQUENCE_LENGTH)
     with cache.writer(shard_bytes) as writer:
-        for caption in tqdm(todo, desc="text features", unit="caption"):
-            features, mask = encode_text(tokenizer, encoder, [caption], layers, MAX_SEQUENCE_LENGTH, offset, device)
+        for caption, features, mask in tqdm(encoded, total=len(todo), desc="text features", unit="caption"):
             valid = mask[0]
             writer.add(keys[caption], {f"layer.{i}": f[0, valid] for i, f in enumerate(features)}, {"caption": caption})
             fault_point("caching")
-    del encoder
     return len(todo)
 
 
@@ -299,8 +274,7 @@ def prepare_training_data(recipe: Recipe, device: torch.device | None = None, lo
 
     log("== text features")
     shard_bytes = recipe.cache.shard_mib * 2**20
-    encoded_text = cache_text_features(captions, text_keys, cache, model_root, text_encoder_device(recipe, device),
-                                       dtype, shard_bytes, keep_mxfp4=text_encoder_keeps_mxfp4(recipe))
+    encoded_text = cache_text_features(captions, text_keys, cache, model_root, recipe, device, dtype, shard_bytes)
     release(device)
     log(f"text features: {encoded_text} encoded, {len(captions) - encoded_text} reused; {peak_memory_note(device)}")
 

@@ -15,6 +15,7 @@ import os
 import sys
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -62,6 +63,13 @@ class LensGptOssEncoder(GptOssForCausalLM):
     after the deepest selected layer (Lens never needs the final norm or the LM head).
     """
 
+    def stream_layers_to(self, device: torch.device | str | None) -> None:
+        """Run on `device` while the weights stay where they are (host memory): each decoder layer's weights are
+        copied to `device` for its turn and dropped after it, the next layer's copy already under way. A GPU then
+        holds two layers (about 1.6 GB each for GPT-OSS-20B in bf16) instead of the whole 42 GB model. None stops it.
+        """
+        self._lens_stream_device = None if device is None else torch.device(device)
+
     def set_selected_layers(self, layers: Sequence[int]) -> None:
         """Fix the layers that a plain ``forward(input_ids, attention_mask)`` returns (reference API)."""
         self._lens_selected_layers = _validate_layers(layers, len(self.model.layers))
@@ -80,21 +88,57 @@ class LensGptOssEncoder(GptOssForCausalLM):
 
         ``attention_mask`` is the 2D padding mask (1 = real token); None means no padding.
         """
+        return self.encode_each([(input_ids, attention_mask)], layers)[0]
+
+    def encode_each(
+        self,
+        inputs: Sequence[tuple[torch.LongTensor, torch.Tensor | None]],
+        layers: Sequence[int],
+    ) -> list[list[torch.Tensor]]:
+        """`encode_layers` for each (input_ids, attention_mask) of `inputs`, run layer by layer over all of them,
+        so that when streaming (`stream_layers_to`) each decoder layer's weights are copied once, not once per input.
+        """
         layers = _validate_layers(layers, len(self.model.layers))
+        last = max(layers)
+        stream_device = getattr(self, "_lens_stream_device", None)
+        states = [self._layer_inputs(ids, mask, last, stream_device) for ids, mask in inputs]
+        wanted = set(layers)
+        captured: list[dict[int, torch.Tensor]] = [{} for _ in inputs]
+        stream = _LayerStream(self.model.layers[: last + 1], stream_device) if stream_device is not None else None
+        try:
+            for i in range(last + 1):  # early exit after the deepest selected layer
+                layer = stream.layer(i) if stream else self.model.layers[i]
+                for state, out in zip(states, captured):
+                    state["hidden"] = layer(
+                        state["hidden"],
+                        attention_mask=state["masks"][self.model.config.layer_types[i]],
+                        position_ids=state["position_ids"],
+                        position_embeddings=state["position_embeddings"],
+                        cache=None,
+                        use_cache=False,
+                    )
+                    if i in wanted:
+                        out[i] = state["hidden"]
+        finally:
+            if stream:
+                stream.close()
+        return [[out[i] for i in layers] for out in captured]
+
+    def _layer_inputs(self, input_ids, attention_mask, last: int, stream_device) -> dict[str, Any]:
+        """Embeddings, positions, rotary embeddings and attention masks for the decoder layers up to `last`."""
         model = self.model
-        device = model.embed_tokens.weight.device
-        input_ids = input_ids.to(device)
+        weights_device = model.embed_tokens.weight.device
+        device = stream_device or weights_device
         if attention_mask is None:
             # Always pass a 2D mask: with none, transformers may try to detect packed sequences.
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(device)
-
-        hidden = model.embed_tokens(input_ids)
+        # The embedding table (1.2 GB in GPT-OSS-20B) is only indexed: it stays with the weights when streaming.
+        hidden = model.embed_tokens(input_ids.to(weights_device)).to(device)
         batch, seq = input_ids.shape
         # Every row gets positions 0..S-1, padded rows included (right padding keeps them aligned).
         position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1)
 
-        last = max(layers)
         layer_types = model.config.layer_types[: last + 1]
         mask_kwargs = dict(
             config=model.config,
@@ -110,23 +154,8 @@ class LensGptOssEncoder(GptOssForCausalLM):
             masks["full_attention"] = create_causal_mask(**mask_kwargs)
         if "sliding_attention" in layer_types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-
-        position_embeddings = model.rotary_emb(hidden, position_ids)
-
-        wanted = set(layers)
-        captured: dict[int, torch.Tensor] = {}
-        for i in range(last + 1):  # early exit after the deepest selected layer
-            hidden = model.layers[i](
-                hidden,
-                attention_mask=masks[layer_types[i]],
-                position_ids=position_ids,
-                position_embeddings=position_embeddings,
-                cache=None,
-                use_cache=False,
-            )
-            if i in wanted:
-                captured[i] = hidden
-        return [captured[i] for i in layers]
+        return dict(hidden=hidden, masks=masks, position_ids=position_ids,
+                    position_embeddings=model.rotary_emb(hidden, position_ids))
 
     def forward(self, input_ids=None, attention_mask=None, *args, **kwargs):
         # After set_selected_layers, `encoder(ids, attention_mask=mask)` returns the layer features,
@@ -134,6 +163,50 @@ class LensGptOssEncoder(GptOssForCausalLM):
         if self.selected_layers is not None and input_ids is not None and not args and not kwargs:
             return self.encode_layers(input_ids, attention_mask, self.selected_layers)
         return super().forward(input_ids, attention_mask, *args, **kwargs)
+
+
+class _LayerStream:
+    """Decoder layers run on `device` from weights kept elsewhere. `layer(i)` drops layer i-1's copy, waits for
+    layer i's, starts copying layer i+1's in a background thread (on a side CUDA stream, so the host-to-device copy
+    overlaps layer i's compute) and returns layer i as a callable on its copy: two layers' copies alive at most.
+    """
+
+    def __init__(self, layers: Sequence[torch.nn.Module], device: torch.device) -> None:
+        self.layers, self.device = layers, device
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lens-layer-copy")
+        self.current: dict[str, torch.Tensor] | None = None
+        self.next = self.copier.submit(self._copy, 0)
+
+    def _copy(self, i: int):
+        layer = self.layers[i]
+        tensors = {**dict(layer.named_parameters()), **dict(layer.named_buffers())}
+        if self.copy_stream is None:
+            # copy=True: a real copy even where the weights already are (the CPU tests measure the same path)
+            return {name: t.to(self.device, copy=True) for name, t in tensors.items()}, None
+        with torch.cuda.stream(self.copy_stream):
+            copies = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        return copies, done
+
+    def layer(self, i: int):
+        self.current = None  # free layer i-1's copy before layer i+1's is allocated
+        copies, done = self.next.result()
+        if done is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(done)
+            for t in copies.values():  # made on the copy stream, used on the compute stream
+                t.record_stream(compute)
+        self.current = copies
+        self.next = self.copier.submit(self._copy, i + 1) if i + 1 < len(self.layers) else None
+        module = self.layers[i]
+        # reads self.current when called, so a caller holding this callable does not keep the copy alive
+        return lambda *args, **kwargs: torch.func.functional_call(module, self.current, args, kwargs, strict=True)
+
+    def close(self) -> None:
+        self.copier.shutdown(wait=True)
+        self.current = self.next = None
 
 
 # The real Lens model_index.json names ["transformers", "LensGptOssEncoder"]; make that resolvable.
@@ -271,9 +344,35 @@ def encode_text(
     text_encoder.set_selected_layers(layers)
     with torch.no_grad():
         outs = text_encoder(input_ids.to(device), attention_mask=attention_mask.to(device))
+    return _cut_prefix(outs, attention_mask, txt_offset, device)
+
+
+def _cut_prefix(outs: list[torch.Tensor], attention_mask: torch.Tensor, txt_offset: int, device: torch.device):
     features = [o[:, txt_offset:, :].to(device).contiguous() for o in outs]
-    mask = attention_mask[:, txt_offset:].to(device=device, dtype=torch.bool)
-    return features, mask
+    return features, attention_mask[:, txt_offset:].to(device=device, dtype=torch.bool)
+
+
+def encode_text_each(
+    tokenizer,
+    text_encoder: LensGptOssEncoder,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
+    txt_offset: int = DEFAULT_TXT_OFFSET,
+    device: torch.device | str | None = None,
+) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
+    """`encode_text([prompt])` for each prompt (unpadded, the same numbers), run layer by layer over all of them
+    (`LensGptOssEncoder.encode_each`): a streamed encoder copies each layer's weights once for the whole list."""
+    layers = _validate_layers(layers, text_encoder.config.num_hidden_layers)
+    device = torch.device(device) if device is not None else text_encoder.model.embed_tokens.weight.device
+    tokenized = [tokenize_prompts(tokenizer, [p], max_sequence_length) for p in prompts]
+    if any(ids.shape[1] <= txt_offset for ids, _ in tokenized):
+        # Nothing of such a prompt survives the cut (never a real caption): encode_text's empty features.
+        return [encode_text(tokenizer, text_encoder, [p], layers, max_sequence_length, txt_offset, device)
+                for p in prompts]
+    with torch.no_grad():
+        outs = text_encoder.encode_each(tokenized, layers)
+    return [_cut_prefix(o, mask, txt_offset, device) for o, (_, mask) in zip(outs, tokenized)]
 
 
 def _repeat(features: list[torch.Tensor], mask: torch.Tensor, n: int):

@@ -40,9 +40,9 @@ OFFICIAL_TEXT_OFFSET = 97  # chat-template tokens before the prompt (cut from th
 # ----------------------------------------------------------------------------------------------------------------
 # GPT-OSS
 # ----------------------------------------------------------------------------------------------------------------
-def text_encoder_params(config: dict) -> tuple[int, int]:
-    """(expert weights, everything else): the experts' weights are what MXFP4 stores in 4 bits."""
-    h, layers, experts = config["hidden_size"], config["num_hidden_layers"], config["num_local_experts"]
+def _text_encoder_layer_params(config: dict) -> tuple[int, int]:
+    """One decoder layer's (expert weights, everything else)."""
+    h, experts = config["hidden_size"], config["num_local_experts"]
     heads, kv, hd, inter = (config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"],
                             config["intermediate_size"])
     bias = bool(config.get("attention_bias", True))
@@ -51,9 +51,28 @@ def text_encoder_params(config: dict) -> tuple[int, int]:
     router = experts * h + experts
     expert_weights = experts * (h * 2 * inter + inter * h)
     expert_biases = experts * (2 * inter + h)
-    per_layer_other = attention + router + expert_biases + 2 * h  # and two RMSNorms
+    return expert_weights, attention + router + expert_biases + 2 * h  # and two RMSNorms
+
+
+def text_encoder_params(config: dict) -> tuple[int, int]:
+    """(expert weights, everything else): the experts' weights are what MXFP4 stores in 4 bits."""
+    h, layers = config["hidden_size"], config["num_hidden_layers"]
+    expert_weights, per_layer_other = _text_encoder_layer_params(config)
     embeddings = config["vocab_size"] * h * (1 if config.get("tie_word_embeddings") else 2)  # embed_tokens, lm_head
     return layers * expert_weights, layers * per_layer_other + embeddings + h
+
+
+def text_encoder_layer_bytes(config: dict, dtype_bytes: int) -> int:
+    """One decoder layer's weights, dequantised (what streaming copies to the GPU)."""
+    return sum(_text_encoder_layer_params(config)) * dtype_bytes
+
+
+def text_encoder_chunk_bytes(config: dict, captions: int, tokens: int, features: int, dtype_bytes: int) -> int:
+    """What a chunk of captions keeps on the device while it goes through the layers together: per caption, the
+    hidden state and the `features` selected layers' outputs [tokens, hidden], and eager attention's two additive
+    masks (full and sliding) [tokens, tokens]."""
+    h = config["hidden_size"]
+    return captions * dtype_bytes * (tokens * h * (1 + features) + 2 * tokens * tokens)
 
 
 def text_encoder_weight_bytes(config: dict, storage: str) -> int:

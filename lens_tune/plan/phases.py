@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lens_tune.data.text_encoding import CHUNK
 from lens_tune.errors import LensTuneError
 from lens_tune.plan import components
 from lens_tune.plan.architecture import Architecture, adapted_layers, architecture
@@ -162,17 +163,26 @@ def make_plan(recipe: Recipe, device: str = "cuda", text_tokens: int = DEFAULT_T
         return f"{n / GiB:.2f} GiB"
 
     phases = []
-    # -- text features: GPT-OSS on the run's device, one caption at a time ------------------------------------------
+    # -- text features: GPT-OSS where model.text_encoder_device puts it (cpu: off the GPU; offload: streamed) ---------
     te, caption = configs.text_encoder, configs.text_offset + text_tokens
-    on_cpu = gpu and recipe.model.text_encoder_device == "cpu"  # model.text_encoder_device: cpu keeps it off the GPU
-    mxfp4 = gpu and not on_cpu and _is_mxfp4(te) and _mxfp4_on_this_gpu(te) and recipe.model.text_encoder_quantization != "none"
+    on_cpu = gpu and recipe.model.text_encoder_device == "cpu"
+    streamed = gpu and recipe.model.text_encoder_device == "offload"
+    mxfp4 = (gpu and not on_cpu and not streamed and _is_mxfp4(te) and _mxfp4_on_this_gpu(te)
+             and recipe.model.text_encoder_quantization != "none")
     storage = "mxfp4" if mxfp4 else ("bf16" if weights == BF16 else "fp32")
     te_weights = components.text_encoder_weight_bytes(te, storage)
-    te_peak = 0 if on_cpu else te_weights + components.text_encoder_forward_bytes(te, caption, weights)
     kind = {"mxfp4": "MXFP4", "bf16": "bf16", "fp32": "float32"}[storage]
     dequantised = " (MXFP4 dequantised)" if _is_mxfp4(te) and not mxfp4 else ""
-    where = f", on the CPU ({mb(te_weights)} of host memory)" if on_cpu else ""
-    phases.append(Phase("text features", te_peak, f"GPT-OSS {kind}{dequantised} {mb(te_weights)} + one caption{where}",
+    if on_cpu:
+        te_peak, what = 0, f"{mb(te_weights)} + one caption, on the CPU ({mb(te_weights)} of host memory)"
+    elif streamed:
+        te_peak = streamed_encoder_peak(te, caption, arch.text_layers, weights)
+        what = (f"streamed: two decoder layers and {CHUNK} captions on the GPU, "
+                f"{mb(te_weights)} of host memory")
+    else:
+        te_peak = te_weights + components.text_encoder_forward_bytes(te, caption, weights)
+        what = f"{mb(te_weights)} + one caption"
+    phases.append(Phase("text features", te_peak, f"GPT-OSS {kind}{dequantised} {what}",
                         "while captions are not cached", False))
     # -- class images: the pipeline, components taking turns on the GPU (model CPU offload) -------------------------
     if recipe.dreambooth.prior_preservation:
@@ -180,10 +190,8 @@ def make_plan(recipe: Recipe, device: str = "cuda", text_tokens: int = DEFAULT_T
 
         size = class_image_settings(recipe)["size"]
         tokens = (size // 16) ** 2
-        # the pipeline loads GPT-OSS on the CPU, where it is always dequantised, and moves it to the GPU to run it
-        te_pipe = components.text_encoder_weight_bytes(te, "bf16" if weights == BF16 else "fp32")
         parts = {
-            "text encoder": te_pipe + components.text_encoder_forward_bytes(te, configs.text_offset + text_tokens, weights),
+            "text encoder": te_peak,  # the class prompt, encoded once with GPT-OSS placed as for the captions
             "transformer": arch.params * weights + components.sampling_forward_bytes(arch, 2, tokens, text_tokens, weights, False),
             "VAE": vae_weights + components.vae_decode_bytes(configs.vae, size * size),
         }
@@ -222,27 +230,33 @@ def make_plan(recipe: Recipe, device: str = "cuda", text_tokens: int = DEFAULT_T
                      "the training step includes it")
     flops = training_step_flops(arch, setup.adapted, setup.batch, setup.image_tokens, text_tokens,
                                 setup.checkpointing)
-    ways = _encoder_ways(te, caption) if _is_mxfp4(te) else []
+    ways = _encoder_ways(te, caption, arch.text_layers) if _is_mxfp4(te) else []
     return Plan(device, phases, step, setup, flops, bucket, text_tokens, ways, notes)
 
 
-def _encoder_ways(te: dict, caption: int) -> list[EncoderWay]:
+def streamed_encoder_peak(te: dict, caption: int, features: int, dtype_bytes: int) -> int:
+    """GPU peak of model.text_encoder_device: offload: two decoder layers' copies, a chunk of captions' states
+    (`lens_tune.data.text_encoding.CHUNK`) and one caption's forward."""
+    return (2 * components.text_encoder_layer_bytes(te, dtype_bytes)
+            + components.text_encoder_chunk_bytes(te, CHUNK, caption, features, dtype_bytes)
+            + components.text_encoder_forward_bytes(te, caption, dtype_bytes))
+
+
+def _encoder_ways(te: dict, caption: int, features: int) -> list[EncoderWay]:
     """The ways GPT-OSS could run for caching, with predicted peaks; which lens-tune has."""
     act = components.text_encoder_forward_bytes(te, caption, BF16)
     experts, other = components.text_encoder_params(te)
-    layers = te["num_hidden_layers"]
     embeddings = te["vocab_size"] * te["hidden_size"]
-    one_layer = (experts + other - 2 * embeddings) // layers * BF16  # one decoder layer in bf16
     return [
         EncoderWay("MXFP4 on the GPU", components.text_encoder_weight_bytes(te, "mxfp4") + act, "gpu",
                    "built: automatic on Hopper or newer GPUs with transformers' MXFP4 kernels (`kernels`, `triton`)"),
         EncoderWay("bf16 on the GPU", components.text_encoder_weight_bytes(te, "bf16") + act, "gpu",
                    "built: what other GPUs get (MXFP4 dequantised)"),
         EncoderWay("on the CPU, bf16", components.text_encoder_weight_bytes(te, "bf16") + act, "host",
-                   "built: `lens-tune cache RECIPE --device cpu model.dtype=bf16`, then train with model.dtype=bf16 "
-                   "(the cache key includes the dtype; float32 would need twice the host memory)"),
-        EncoderWay("one layer at a time on the GPU", one_layer + act, "gpu",
-                   "not built: stream the 24 decoder layers through the GPU (embeddings on the CPU)"),
+                   "built: `model.text_encoder_device: cpu` (slowest; the rest of the run stays on the GPU)"),
+        EncoderWay("layers streamed through the GPU",
+                   streamed_encoder_peak(te, caption, features, BF16),
+                   "gpu", "built: `model.text_encoder_device: offload` (bf16 weights in host memory)"),
         EncoderWay("nf4 (bitsandbytes)", (experts + embeddings) * BF16 + int((other - embeddings) * NF4_BYTES) + act,
                    "gpu", "not built, and no help alone: bitsandbytes quantises nn.Linear layers, while 91% of GPT-OSS "
                    "is its experts' fused 3-D tensors, which would stay bf16"),

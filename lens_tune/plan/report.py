@@ -44,16 +44,16 @@ def format_plan(plan: Plan, recipe_name: str, budget: tuple[int, str] | None, ch
     ]
     failing = [p for p in plan.phases if budget is not None and not fits(p.peak, budget[0])]
     if any(p.name == "text features" for p in failing) and plan.encoder_ways:
-        lines += ["", "  Text features do not fit. Ways to run GPT-OSS for caching (one caption at a time):"]
+        lines += ["", "  Text features do not fit. Ways to run GPT-OSS for the captions and the class prompt:"]
         for way in plan.encoder_ways:
             fit = "" if way.where == "host" else ("  fits" if fits(way.peak, budget[0]) else "  too big")
             lines.append(f"    {way.name:<32} {gib(way.peak):>10} {'host memory' if way.where == 'host' else 'GPU':<11}"
                          f"{fit}\n      {way.status}")
         lines.append("    Or cache the features on a larger GPU and copy the cache folder (cache.dir).")
     if any(p.name == "class images" for p in failing):
-        lines += ["", "  Class images do not fit: the pipeline moves the whole (dequantised) text encoder to the GPU. "
-                      "Put existing class images in dreambooth.class_images_folder, or generate them on a larger GPU "
-                      "(`lens-tune cache` there; the class-image cache is shared through cache.dir)."]
+        lines += ["", f"  Class images do not fit ({plan.phase('class images').detail}). Put existing class images in "
+                      "dreambooth.class_images_folder, or generate them on a larger GPU (`lens-tune cache` there; the "
+                      "class-image cache is shared through cache.dir)."]
     if changes:
         lines += ["", "  Changes that make every training phase fit (cheapest first):"]
         for change in changes:

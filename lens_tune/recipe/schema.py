@@ -57,11 +57,14 @@ class ModelSettings(Section):
     quantization: Literal["none", "int8", "nf4"] = Field(
         "none", description="weight-only quantisation of the frozen transformer (bitsandbytes): int8 ~4.1 GB, nf4 ~2.3 GB"
     )
-    text_encoder_device: Literal["auto", "gpu", "cpu"] = Field(
-        "auto", description="where GPT-OSS runs while text features are cached: auto = GPU if one is present"
+    text_encoder_device: Literal["auto", "gpu", "offload", "cpu"] = Field(
+        "auto", description="where GPT-OSS runs while text features and the class prompt are encoded: auto/gpu = all "
+        "of it on the GPU; offload = weights in host memory, one decoder layer at a time on the GPU (about 3 GB; "
+        "for 8-16 GB cards); cpu = on the CPU"
     )
     text_encoder_quantization: Literal["auto", "none", "nf4"] = Field(
-        "auto", description="GPT-OSS while caching: auto keeps MXFP4 on Hopper GPUs and dequantises elsewhere; nf4 fits 16 GB cards"
+        "auto", description="GPT-OSS on the GPU: auto keeps MXFP4 on Hopper GPUs (13.8 GB) and dequantises elsewhere; "
+        "none always dequantises; nf4 is not available (bitsandbytes cannot quantise its fused experts)"
     )
 
 

@@ -131,3 +131,43 @@ def test_full_size_architecture_at_1024px_bf16():
     results["torch"] = torch.__version__
     print("\nFULL-SIZE", json.dumps(results))
     assert torch.isfinite(model.proj_out.weight.grad).all()
+
+
+def test_streamed_gpt_oss_layers_on_cuda():
+    """model.text_encoder_device: offload with full-size GPT-OSS-20B decoder layers (4 of the 24, random bf16 weights in
+    host memory): the same features as the layers resident on the GPU, a GPU peak within 10% of the plan's, and the
+    seconds per layer for 64 captions recorded."""
+    from transformers import GptOssConfig
+
+    from lens_tune.model.text_encoder import LensGptOssEncoder
+    from lens_tune.plan import components, phases
+
+    config = {**components.OFFICIAL_TEXT_ENCODER_CONFIG, "num_hidden_layers": 4}
+    config.pop("quantization_config", None)
+    with torch.random.fork_rng(devices=[]):
+        encoder = LensGptOssEncoder(GptOssConfig(**config)).to(torch.bfloat16).eval().requires_grad_(False)
+    for p in encoder.parameters():
+        p.data.normal_(0, 0.02)
+    layers, tokens = [1, 3], 225  # the real chat prefix (97) + 128 caption tokens
+    inputs = [(torch.randint(1000, 100_000, (1, tokens)), None) for _ in range(phases.CHUNK)]
+    encoder.stream_layers_to(CUDA)
+    encoder.encode_each(inputs[:1], layers)  # warm-up: kernels, the copy stream
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    streamed = encoder.encode_each(inputs, layers)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() - base
+    planned = phases.streamed_encoder_peak(config, tokens, len(layers), 2)
+    encoder.stream_layers_to(None)
+    encoder.to(CUDA)
+    resident = encoder.encode_each(inputs[:4], layers)
+    for got, want in zip(streamed[:4], resident):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.float(), b.float(), atol=0, rtol=0)
+    print(json.dumps({"streamed_seconds_per_layer_64_captions": round(seconds / 4, 3),
+                      "streamed_peak_gib": round(peak / 2**30, 2), "planned_gib": round(planned / 2**30, 2),
+                      "gpu": torch.cuda.get_device_name()}))
+    assert abs(peak / planned - 1) < 0.10, (peak, planned)
