@@ -57,6 +57,11 @@ def shoot(page, name: str) -> None:
 
 def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name, exact=True).click()
+    wait_for(lambda: tab_is_open(page, name), 30, f"the {name} tab to open")
+
+
+def tab_is_open(page, name: str) -> bool:
+    return page.get_by_role("tab", name=name, exact=True).get_attribute("aria-selected") == "true"
 
 
 def cell(page, text: str):
@@ -142,6 +147,8 @@ def test_train_tab_starts_a_run_that_can_be_stopped(page, dashboard):
     wait_for(lambda: cell(page, run_id).is_visible() and row_status(page, run_id) == "running", 30,
              "the new run in the table, running")
     cell(page, run_id).click()
+    # choosing a run opens the Run tab once the server answers; under load that can come after a click on Train
+    wait_for(lambda: tab_is_open(page, "Run"), 30, "the chosen run's tab")
     open_tab(page, "Train")
     wait_for(lambda: "training" in page.locator("#lt-process textarea").input_value(), 30, "the trainer's output")
     shoot(page, "train")
