@@ -173,12 +173,3 @@ class Cases:
             "tests": dict(sorted(tests.items())),
         }
         path.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-
-
-def is_text(text: str) -> bool:
-    """False for text with lone surrogates, which lens-tune refuses wherever it appears."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

@@ -24,9 +24,9 @@ from PIL import Image
 
 from lens_tune.data.captions import caption_variants, resolve_caption
 from lens_tune.data.images import ImageProblem, check_images, load_image
-from lens_tune.data.sources import IMAGE_EXTENSIONS, folder_items, metadata_items
+from lens_tune.data.sources import IMAGE_EXTENSIONS, folder_items, is_unicode_text, metadata_items
 from lens_tune.errors import DatasetError
-from tests.fuzz_support import Cases, fuzz, is_text, memory_limit, time_limit
+from tests.fuzz_support import Cases, fuzz, memory_limit, time_limit
 
 EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".PNG", ".JPG"]
 CASE_SECONDS = 15
@@ -550,7 +550,7 @@ def test_metadata_files(scratch):
                 assert str((root / "metadata.jsonl").resolve()) in message, message
                 cases.count("error")
                 return
-        assert items and all(item.caption is None or is_text(item.caption) for item in items)
+        assert items and all(item.caption is None or is_unicode_text(item.caption) for item in items)
         checked, problems = check_images(items, on_bad_image="skip")
         assert [c.item for c in checked] == items and not problems  # only the good images can be listed
         cases.count("items")

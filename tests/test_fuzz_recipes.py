@@ -27,10 +27,11 @@ import yaml
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from lens_tune.data.sources import is_unicode_text
 from lens_tune.errors import RecipeError
 from lens_tune.recipe.load import load_recipe
 from lens_tune.recipe.schema import Recipe
-from tests.fuzz_support import Cases, assert_one_error, fuzz, is_text, run_cli
+from tests.fuzz_support import Cases, assert_one_error, fuzz, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -385,7 +386,7 @@ def test_deleted_unknown_and_misspelt_keys(at_workspace):
         assert result.code == 2 and result.error is not None, result.err
         issues = check_issues(result.error, result.err, result.path)
         key = mutation.path[-1]
-        if any(isinstance(text, str) and not is_text(text) for text in (key, mutation.value)):
+        if any(isinstance(text, str) and not is_unicode_text(text) for text in (key, mutation.value)):
             # refused while reading, at its line and column (before the schema sees the key)
             assert "is not valid Unicode text" in result.err, result.err
             return

@@ -24,7 +24,7 @@ from lens_tune.data.class_images import class_image_settings, generate_class_ima
 from lens_tune.data.images import CheckedImage, ImageProblem, bad_images_message, check_images, load_image
 from lens_tune.data.sources import ImageItem, folder_items, hub_items, metadata_items
 from lens_tune.data.text_encoding import encode_captions
-from lens_tune.errors import DatasetError, LensTuneError
+from lens_tune.errors import DatasetError
 from lens_tune.faults import fault_point
 from lens_tune.model.sources import locate_model
 from lens_tune.recipe.schema import TRIGGER_PLACEHOLDER, Dataset, Recipe

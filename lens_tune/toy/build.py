@@ -21,7 +21,6 @@ Phases, each with a progress bar:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
