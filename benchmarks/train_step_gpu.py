@@ -2,7 +2,8 @@
 what the memory planner predicted for the same configuration.
 
 Per configuration (base bf16 / int8 / nf4; 512 and 1024 px; gradient checkpointing on, and off where it fits the
-GPU; LoRA rank 16 on attention-mlp; AdamW8bit; batch 1 and the largest batch the plan fits in 16 GiB at 512 px):
+GPU; LoRA rank 16 on attention-mlp; AdamW8bit; batch 1 and the largest batch the plan fits in 16 GiB at 512 px;
+nf4 at the largest size also with the modulation layers in host memory, model.modulation_device: cpu):
 peak allocated and reserved memory, median seconds per step after warm-up, image tokens per second, and MFU from
 the counted FLOPs (lens_tune.plan.flops). A naive baseline runs in the same process: PEFT LoRA with float32 AdamW
 states, no checkpointing, and the text encoder not cached: GPT-OSS-20B (random bf16 weights) stays on the GPU and
@@ -75,6 +76,7 @@ class Config:
     text_tokens: int = 128
     optimizer: str = "adamw8bit"
     naive: bool = False  # the baseline: float32 AdamW, no checkpointing, resident text encoder
+    modulation_on_host: bool = False  # model.modulation_device: cpu (vectors prefetched with the micro-batch)
 
 
 def peak_tflops(name: str) -> float | None:
@@ -105,9 +107,11 @@ def environment(device: torch.device, peak: float | None) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Models and one step
 # ----------------------------------------------------------------------------------------------------------------
-def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, base: str):
-    """The transformer with random weights, built on the device directly (no float32 detour), quantised like
-    lens_tune.train.loop.load_base does."""
+def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, base: str,
+                      modulation_on_host: bool = False):
+    """The transformer with random weights, built on the device directly (no float32 detour), quantised and with
+    its modulation on the host like lens_tune.train.loop.load_base does; (model, HostModulation or None)."""
+    from lens_tune.model.host_modulation import HostModulation
     from lens_tune.model.loading import build_on_meta
     from lens_tune.model.transformer import LensTransformer2DModel
     from lens_tune.train.adapters import quantize_base
@@ -123,7 +127,8 @@ def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, ba
     model.requires_grad_(False)
     if base != "none":
         quantize_base(model, base)
-    return model
+    host = HostModulation(model) if modulation_on_host else None  # the device copies go with the replaced layers
+    return model, host
 
 
 def build_text_encoder(config: dict, device: torch.device, dtype: torch.dtype):
@@ -153,13 +158,13 @@ class Step:
     """
 
     def __init__(self, model, params, optimizer, config: Config, arch, device, weights_dtype, autocast, encoder=None,
-                 inputs: str = "resident", padded: bool = False):
+                 inputs: str = "resident", padded: bool = False, host_modulation=None):
         from lens_tune.train.data import Batch, Prefetcher, to_device
 
         grid, text_tokens = config.size // 16, config.text_tokens
         b = config.batch
         self.model, self.params, self.optimizer, self.device = model, params, optimizer, device
-        self.autocast, self.encoder, self.inputs = autocast, encoder, inputs
+        self.autocast, self.encoder, self.inputs, self.host_modulation = autocast, encoder, inputs, host_modulation
         mask = torch.ones(b, text_tokens, dtype=torch.bool)
         mask[:, -1] = not padded
 
@@ -167,11 +172,13 @@ class Step:
             return to_device(tensor, device, dtype) if inputs == "prefetched" else tensor.to(device, dtype)
 
         def load(index: int) -> Batch:  # random stand-ins for the cached features (the index does not matter)
+            sigma = torch.rand(b)
+            modulation = None if host_modulation is None else put(host_modulation.compute(sigma, weights_dtype))
             return Batch(latents=put(torch.randn(b, grid * grid, arch.in_channels)),
                          text=[put(torch.randn(b, text_tokens, arch.text_width)) for _ in range(arch.text_layers)],
                          text_mask=put(mask, torch.bool) if padded else None, weights=put(torch.ones(b), torch.float32),
-                         grid=(grid, grid), sigma=put(torch.rand(b), torch.float32),
-                         noise=put(torch.randn(b, grid * grid, arch.in_channels)))
+                         grid=(grid, grid), sigma=put(sigma, torch.float32),
+                         noise=put(torch.randn(b, grid * grid, arch.in_channels)), modulation=modulation)
 
         self.resident = load(0) if inputs == "resident" else None
         self.batches, self.index = Prefetcher(load), 0
@@ -184,6 +191,8 @@ class Step:
             with torch.no_grad():     # selected layer is the encoder's last)
                 self.encoder.encode_layers(self.ids, None, [self.encoder.config.num_hidden_layers - 1])
         batch = self.resident or self.batches.get(self.index)
+        if self.host_modulation is not None:
+            self.host_modulation.supply(batch.modulation)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = flow_matching_loss(self.model, batch.latents, batch.text, batch.text_mask, batch.grid,
                                       batch.weights, batch.sigma, batch.noise)
@@ -239,18 +248,21 @@ def run_config(config: Config, model_config: dict, device: torch.device, steps: 
     grid, text_tokens = config.size // 16, config.text_tokens
     setup = StepSetup(arch, adapted_layers(model_config, lora), "lora", 16, config.batch, grid * grid, text_tokens,
                       2 if cuda else 4, autocast=cuda, device=device.type, quantization=config.base,
-                      checkpointing=config.checkpointing, optimizer=optimizer_name)
+                      checkpointing=config.checkpointing, optimizer=optimizer_name,
+                      modulation_on_host=config.modulation_on_host)
     predicted = training_step(setup).peak
     flops = training_step_flops(arch, setup.adapted, config.batch, grid * grid, text_tokens, config.checkpointing)
 
-    model = build_transformer(model_config, device, weights_dtype, config.base)
+    model, host = build_transformer(model_config, device, weights_dtype, config.base, config.modulation_on_host)
     params = add_adapter(model, lora)
     if config.checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
     optimizer = build_optimizer(params, TrainSettings(optimizer=optimizer_name))
     encoder = build_text_encoder(encoder_config, device, weights_dtype) if config.naive else None
-    step = Step(model, params, optimizer, config, arch, device, weights_dtype, cuda, encoder)
+    # host modulation: the trainer's prefetch, so the host's work on the next step's vectors is in the timing
+    step = Step(model, params, optimizer, config, arch, device, weights_dtype, cuda, encoder,
+                inputs="prefetched" if host is not None else "resident", host_modulation=host)
     median, _ = median_step_seconds(step, device, steps, warmup)
     if cuda:
         allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
@@ -264,6 +276,7 @@ def run_config(config: Config, model_config: dict, device: torch.device, steps: 
     record = {
         "name": config.name, "base": config.base, "size": config.size, "batch": config.batch,
         "checkpointing": config.checkpointing, "optimizer": optimizer_name, "adapter": "LoRA rank 16, attention-mlp (PEFT)",
+        "modulation": "host" if config.modulation_on_host else "device",
         "text_encoder": "resident GPT-OSS, one caption per step" if config.naive else "cached features",
         "predicted_peak_gib": round(predicted / GiB, 4), "peak_allocated_gib": round(allocated / GiB, 4),
         "peak_reserved_gib": None if reserved is None else round(reserved / GiB, 4),
@@ -306,7 +319,7 @@ def run_variants(names: list[str], model_config: dict, device: torch.device, siz
     cuda = device.type == "cuda"
     weights_dtype = torch.bfloat16 if cuda else torch.float32
     arch, config = architecture(model_config), Config("variants", "none", size, 1, True, text_tokens)
-    model = build_transformer(model_config, device, weights_dtype, "none")
+    model, _ = build_transformer(model_config, device, weights_dtype, "none")
     params = add_adapter(model, LoraSettings(rank=16, targets="attention-mlp"))
     model.enable_gradient_checkpointing()
     model.train()
@@ -391,6 +404,9 @@ def configurations(model_config: dict, encoder_config: dict, sizes: list[int], t
                     continue  # checkpointing off only where it fits this GPU
                 configs.append(Config(f"{label} {size}px ckpt-{'on' if checkpointing else 'off'} b1", base, size, 1,
                                       checkpointing, text_tokens, optimizer))
+        if base == "nf4":  # the 8 GB-card setting: the modulation layers' 2.7 GB off the GPU too, at the largest size
+            configs.append(Config(f"{label} {sizes[-1]}px ckpt-on b1 modulation-on-host", base, sizes[-1], 1, True,
+                                  text_tokens, optimizer, modulation_on_host=True))
         batch = largest_batch(model_config, batch_size_px, text_tokens, base, optimizer, budget, device.type)
         if batch > 1:
             configs.append(Config(f"{label} {batch_size_px}px ckpt-on b{batch} (largest in {budget / 2**20:g} MiB)",

@@ -13,13 +13,13 @@ from lens_tune.cli import check_memory_plan, main
 from lens_tune.plan import parse_size
 from lens_tune.plan.architecture import adapted_layers, architecture
 from lens_tune.plan.flops import training_step_flops
-from lens_tune.plan.memory import weight_bytes
+from lens_tune.plan.memory import StepSetup, training_step, weight_bytes
 from lens_tune.recipe.schema import LoraSettings
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 GiB = 2**30
 # training-step peaks (GiB, at 16 GiB) of the recipes that use the real Lens from ./models/Lens (absent here)
-LENS_RECIPES = {"dreambooth.yaml": (9.0, 10.0), "dreambooth-8gb.yaml": (5.0, 6.0), "style.yaml": (9.3, 10.3)}
+LENS_RECIPES = {"dreambooth.yaml": (9.0, 10.0), "dreambooth-8gb.yaml": (2.5, 3.5), "style.yaml": (9.3, 10.3)}
 
 
 def test_the_official_model_sizes():
@@ -29,7 +29,29 @@ def test_the_official_model_sizes():
     # int8 / nf4 quantise the blocks' attention and MLP layers only: the modulation layers (1.36B) stay bf16
     assert round(weight_bytes(arch, 2, "int8") / 1e9, 2) == 5.50
     assert round(weight_bytes(arch, 2, "nf4") / 1e9, 2) == 4.17
+    # model.modulation_device: cpu takes those 1.36B off the GPU
+    assert arch.modulation_params == 1_359_839_232
+    assert round(weight_bytes(arch, 2, "nf4", modulation_on_host=True) / 1e9, 2) == 1.46
     assert sum(layer.params for layer in adapted_layers({}, LoraSettings(rank=16))) == 39_788_544
+
+
+def test_lora_at_1024_px_against_the_issue_goals():
+    """Planned peaks of a rank-16 attention-mlp LoRA step at 1024 px, batch 1, checkpointing, AdamW8bit, bf16 autocast
+    (the goals: 11 GiB with a bf16 base, 7 with int8, 5 with nf4). nf4 alone misses by 0.3 GiB: the bf16
+    modulation layers are 2.5 GiB of its 5.3; with them on the host it needs 2.8 GiB."""
+    arch = architecture({})
+    adapted = adapted_layers({}, LoraSettings(rank=16))
+
+    def peak(quantization: str, modulation_on_host: bool = False) -> float:
+        setup = StepSetup(arch, adapted, "lora", 16, 1, 4096, 128, 2, True, "cuda", quantization,
+                          modulation_on_host=modulation_on_host)
+        return training_step(setup).peak / GiB
+
+    assert 9.0 < peak("none") < 9.1 and 6.5 < peak("int8") < 6.6 and 5.25 < peak("nf4") < 5.35
+    assert 2.7 < peak("nf4", modulation_on_host=True) < 2.8
+    saved = weight_bytes(arch, 2, "none") - weight_bytes(arch, 2, "none", modulation_on_host=True)
+    # the weights, less the vectors the batch brings instead (2 x 6 x 1536 bf16 values per block: 1.7 MiB)
+    assert 0 < saved - (peak("nf4") - peak("nf4", modulation_on_host=True)) * GiB < 2 * 2**20
 
 
 def test_the_work_of_a_step_at_1024_px():
@@ -75,13 +97,22 @@ def test_plan_suggests_the_cheapest_changes(capsys):
     assert changes[0].split()[0] == "train.gradient_checkpointing=true"
 
 
-def test_an_8_gib_card_is_told_about_the_validation_decode(capsys):
-    assert main(["plan", str(RECIPES / "dreambooth-8gb.yaml"), "--vram", "8GiB"]) == 0
-    out = capsys.readouterr().out
-    assert next(line for line in out.splitlines() if line.startswith("  validation ")).split()[3] == "NO"
-    assert "validation.width=512 validation.height=512" in out
-    text = next(line for line in out.splitlines() if line.startswith("  text features "))
-    assert text.split()[4] == "yes" and "streamed" in text  # GPT-OSS streamed through the GPU fits 8 GiB too
+def test_an_8_gib_card_fits_training_and_validation_and_a_5_gib_card_is_told_what_to_change(capsys):
+    def rows(*args: str) -> tuple[dict[str, list[str]], str]:
+        assert main(["plan", str(RECIPES / "dreambooth-8gb.yaml"), *args]) == 0
+        out = capsys.readouterr().out
+        table = {name: next(line.split() for line in out.splitlines() if line.startswith(f"  {name} "))
+                 for name in ("training step", "validation", "text features")}
+        return table, out
+
+    table, out = rows("--vram", "8GiB")
+    assert table["training step"][4] == "yes" and table["validation"][3] == "yes"
+    assert table["text features"][4] == "yes" and "streamed" in out  # GPT-OSS streamed through the GPU fits 8 GiB too
+    # without the modulation on the host, the validation samples do not fit, and the plan says what would
+    table, out = rows("--vram", "8GiB", "model.modulation_device=gpu")
+    assert table["validation"][3] == "NO" and "model.modulation_device=cpu" in out
+    table, out = rows("--vram", "5GiB")
+    assert table["validation"][3] == "NO" and "validation.width=512 validation.height=512" in out
 
 
 def test_text_encoder_placements_are_planned(capsys):

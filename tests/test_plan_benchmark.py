@@ -22,8 +22,11 @@ def test_train_step_benchmark_smoke_on_cpu(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
     configs = {r["name"]: r for r in result["configs"]}
-    assert set(configs) == {"nf4 128px ckpt-on b1", "nf4 128px ckpt-off b1", "naive 128px (fp32 AdamW, no ckpt, "
-                            "resident text encoder)"} | {n for n in configs if "largest in 40 MiB" in n}
+    assert set(configs) == {"nf4 128px ckpt-on b1", "nf4 128px ckpt-off b1", "nf4 128px ckpt-on b1 modulation-on-host",
+                            "naive 128px (fp32 AdamW, no ckpt, resident text encoder)"} | {
+                            n for n in configs if "largest in 40 MiB" in n}
+    hosted, resident = configs["nf4 128px ckpt-on b1 modulation-on-host"], configs["nf4 128px ckpt-on b1"]
+    assert hosted["modulation"] == "host" and hosted["peak_allocated_gib"] < resident["peak_allocated_gib"]
     largest = next(r for r in result["configs"] if "largest" in r["name"])
     assert largest["batch"] > 1 and largest["predicted_peak_gib"] <= 40 / 1024
     for record in result["configs"]:

@@ -46,6 +46,7 @@ class Case:
     quantization: str = "none"
     ema: bool = False
     adapter: str = "lora"
+    modulation_on_host: bool = False
 
 
 # bitsandbytes' 8-bit optimizers are slow on a CPU: three cases use them, the others torch's AdamW
@@ -60,6 +61,8 @@ CASES = {
     "medium, int8 base, checkpointing": Case(MEDIUM, 128, 16, torch.bfloat16, True, True, quantization="int8"),
     "medium, LoHa": Case(MEDIUM, 128, 16, torch.bfloat16, True, False, optimizer="adamw", adapter="loha"),
     "medium, nf4 base": Case(MEDIUM, 128, 16, torch.bfloat16, True, False, quantization="nf4", optimizer="adamw"),
+    "medium, nf4 base, modulation on the host, checkpointing": Case(MEDIUM, 128, 16, torch.bfloat16, True, True,
+                                                                    quantization="nf4", optimizer="adamw", modulation_on_host=True),
 }
 MEASURED: dict[str, tuple[float, float]] = {}  # case -> (measured, predicted) MiB, printed at the end
 
@@ -69,11 +72,12 @@ def predicted(case: Case, device: str = "cpu") -> int:
     grid = case.size // 16
     setup = StepSetup(architecture(case.config), adapted_layers(case.config, lora), case.adapter, case.rank, case.batch,
                       grid * grid, case.text, 2 if case.weights == torch.bfloat16 else 4, case.autocast, device,
-                      case.quantization, case.checkpointing, case.optimizer, case.ema)
+                      case.quantization, case.checkpointing, case.optimizer, case.ema, case.modulation_on_host)
     return training_step(setup).peak
 
 
 def real_model(case: Case):
+    from lens_tune.model.host_modulation import HostModulation
     from lens_tune.model.transformer import LensTransformer2DModel
     from lens_tune.train.adapters import add_adapter, quantize_base
 
@@ -82,6 +86,8 @@ def real_model(case: Case):
     model.requires_grad_(False)
     if case.quantization != "none":
         quantize_base(model, case.quantization)
+    if case.modulation_on_host:
+        HostModulation(model)  # its weights are host memory, not the device's: the measurement does not track them
     params = add_adapter(model, LoraSettings(rank=case.rank, targets=case.targets, type=case.adapter))
     if case.checkpointing:
         model.enable_gradient_checkpointing()

@@ -247,6 +247,12 @@ CASES = {
         [], "use_captions: ^false",
         ["data.datasets[0].use_captions: a subject dataset with use_captions: false needs dreambooth.instance_prompt"],
     ),
+    "an adapter on the modulation layers kept on the host": (
+        [("  source: tiny\n", "  source: tiny\n  modulation_device: cpu\n"), ("  rank: 8\n", "  rank: 8\n  targets: all\n")],
+        [], "targets: ^all",
+        ["lora.targets: model.modulation_device: cpu keeps img_mod/txt_mod frozen off the GPU, so lora.targets cannot "
+         "adapt them"],
+    ),
     # YAML and files ---------------------------------------------------------------------------------
     "tab indentation": (
         [("  steps: 10", "\tsteps: 10")], [], "^\tsteps",

@@ -61,6 +61,8 @@ def _candidates(recipe: Recipe) -> list[tuple[Setting, ...]]:
         out.append((("train.gradient_checkpointing", True),))
     if train.optimizer in ("adamw", "prodigy"):
         out.append((("train.optimizer", "adamw8bit"),))
+    if recipe.model.modulation_device == "gpu" and not lora.adapts_modulation:
+        out.append((("model.modulation_device", "cpu"),))  # exact, unlike quantisation; costs host time per step
     if recipe.model.quantization == "none":
         out.append((("model.quantization", "int8"),))
     if recipe.model.quantization != "nf4":

@@ -42,6 +42,7 @@ class Architecture:
     params: int
     quantizable_params: int  # weights of the layers quantize_base replaces
     quantizable_rows: int  # their output features (one int8 scale each)
+    modulation_params: int  # the blocks' img_mod/txt_mod weights and biases (model.modulation_device: cpu)
 
     @property
     def gate_mlp(self) -> bool:
@@ -83,6 +84,8 @@ def _architecture(key: str) -> Architecture:
         params=sum(p.numel() for p in model.parameters()),
         quantizable_params=sum(layer.weight.numel() for layer in quantized),
         quantizable_rows=sum(layer.out_features for layer in quantized),
+        modulation_params=sum(p.numel() for block in model.transformer_blocks
+                              for p in (*block.img_mod.parameters(), *block.txt_mod.parameters())),
     )
 
 

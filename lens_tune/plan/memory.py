@@ -3,7 +3,8 @@
 The model follows what the trainer's code does (lens_tune.train.loop, adapters, optim; the transformer's forward):
 
 - Frozen base in the weights dtype (bf16 on GPUs, fp32 on CPUs), or int8 / nf4 (bitsandbytes) for the layers
-  `quantize_base` replaces (attention and MLP); the rest, modulation included, stays in that dtype.
+  `quantize_base` replaces (attention and MLP); the rest, modulation included, stays in that dtype, unless the
+  modulation layers live in host memory (model.modulation_device: cpu; the batch then brings their outputs).
 - Adapter weights and their gradients in float32; optimizer state per optimizer (8-bit AdamW: two uint8 states
   and a float32 scale per 256 values; tensors under 4,096 values keep 32-bit state); the optional EMA copy.
 - Under bf16 autocast, autocast caches a bf16 copy of every adapter weight for the whole step.
@@ -53,6 +54,7 @@ class StepSetup:
     checkpointing: bool = True
     optimizer: str = "adamw8bit"
     ema: bool = False
+    modulation_on_host: bool = False  # model.modulation_device: cpu
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,12 @@ class StepMemory:
 # ----------------------------------------------------------------------------------------------------------------
 # What lives between steps
 # ----------------------------------------------------------------------------------------------------------------
-def weight_bytes(arch: Architecture, dtype_bytes: int, quantization: str) -> int:
+def weight_bytes(arch: Architecture, dtype_bytes: int, quantization: str, modulation_on_host: bool = False) -> int:
+    """The frozen base on the device (without the modulation layers when they live in host memory)."""
+    on_device = arch.params - (arch.modulation_params if modulation_on_host else 0)
     if quantization == "none":
-        return arch.params * dtype_bytes
-    other = (arch.params - arch.quantizable_params) * dtype_bytes  # the quantised layers' biases included
+        return on_device * dtype_bytes
+    other = (on_device - arch.quantizable_params) * dtype_bytes  # the quantised layers' biases included
     if quantization == "int8":
         return other + arch.quantizable_params + arch.quantizable_rows * FP32  # int8 values, a float32 scale per row
     blocks = arch.quantizable_params // NF4_BLOCK  # nf4: two values per byte, an 8-bit absmax per 64 values
@@ -234,12 +238,14 @@ def training_step(setup: StepSetup) -> StepMemory:
     first = min(layer.block for layer in setup.adapted)
     p = sum(layer.params for layer in setup.adapted)
 
-    weights = weight_bytes(arch, setup.weight_bytes, setup.quantization)
+    weights = weight_bytes(arch, setup.weight_bytes, setup.quantization, setup.modulation_on_host)
     ema = FP32 * p if setup.ema else 0
     trainer = FP32 * p + optimizer_state_bytes(setup.optimizer, _adapter_tensor_sizes(setup)) + ema
     casts = BF16 * p if setup.autocast else 0
     # latents and noise, the text features; during the forward also the noisy input and the target
     inputs = b * (2 * n * arch.in_channels + arch.text_layers * m * arch.text_width) * setup.weight_bytes
+    if setup.modulation_on_host:  # the blocks' modulation vectors come with the batch: 2 x 6 x dim per block
+        inputs += b * layers * 2 * 6 * arch.dim * setup.weight_bytes
     forward_inputs = 2 * b * n * arch.in_channels * setup.weight_bytes
     rope = (n + m) * (arch.head_dim // 2) * FP32  # RoPE angles: the forward's; checkpoints keep them
 

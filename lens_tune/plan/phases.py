@@ -132,6 +132,7 @@ def step_setup(recipe: Recipe, arch: Architecture, device: str, bucket: tuple[in
         text_tokens=text_tokens, weight_bytes=weights, autocast=autocast, device=device,
         quantization=recipe.model.quantization, checkpointing=recipe.train.gradient_checkpointing,
         optimizer=recipe.train.optimizer, ema=recipe.train.ema,
+        modulation_on_host=recipe.model.modulation_device == "cpu",
     )
 
 

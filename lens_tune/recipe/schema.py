@@ -57,6 +57,10 @@ class ModelSettings(Section):
     quantization: Literal["none", "int8", "nf4"] = Field(
         "none", description="weight-only quantisation of the frozen transformer (bitsandbytes): int8 ~4.1 GB, nf4 ~2.3 GB"
     )
+    modulation_device: Literal["gpu", "cpu"] = Field(
+        "gpu", description="where the blocks' adaLN modulation layers live while training: cpu keeps their 1.36B "
+        "frozen parameters (2.7 GB bf16) in host memory and computes them there once per step, off the GPU"
+    )
     text_encoder_device: Literal["auto", "gpu", "offload", "cpu"] = Field(
         "auto", description="where GPT-OSS runs while text features and the class prompt are encoded: auto/gpu = all "
         "of it on the GPU; offload = weights in host memory, one decoder layer at a time on the GPU (about 3 GB; "
@@ -161,6 +165,12 @@ class LoraSettings(Section):
     )
     blocks: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="indices of transformer blocks to adapt (null: all 48)")
     init_from: Path | None = Field(None, description="an adapter to continue training: a lens-tune adapter folder, or a diffusers, ComfyUI or kohya LoRA file")
+
+    @property
+    def adapts_modulation(self) -> bool:
+        """Whether the targets include the blocks' img_mod/txt_mod layers."""
+        targets = [self.targets] if isinstance(self.targets, str) else self.targets
+        return any(t == "all" or "_mod" in t for t in targets)
 
 
 class TrainSettings(Section):
@@ -272,6 +282,11 @@ class Recipe(Section):
                     "a subject dataset with use_captions: false needs dreambooth.instance_prompt",
                     "data", "datasets", i, "use_captions",
                 )
+        if self.model.modulation_device == "cpu" and self.lora.adapts_modulation:
+            raise rule_error(
+                "model.modulation_device: cpu keeps img_mod/txt_mod frozen off the GPU, so lora.targets cannot adapt "
+                "them: use attention or attention-mlp, or model.modulation_device: gpu", "lora", "targets",
+            )
         if self.dreambooth.prior_preservation and not any(d.kind == "subject" for d in self.data.datasets):
             raise rule_error(
                 "dreambooth.prior_preservation is for subject datasets, and this recipe has none",

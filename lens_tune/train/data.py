@@ -55,6 +55,7 @@ class Batch:
     grid: tuple[int, int]
     sigma: torch.Tensor  # [B] noise levels
     noise: torch.Tensor  # like latents
+    modulation: torch.Tensor | None = None  # with model.modulation_device: cpu, the blocks' vectors for sigma
 
 
 def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -68,14 +69,15 @@ def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | N
 
 def load_batch(
     examples: list[TrainingExample], cache: FeatureCache, generator: torch.Generator, device: torch.device,
-    dtype: torch.dtype, text_shape: tuple[int, int], settings: TrainSettings,
+    dtype: torch.dtype, text_shape: tuple[int, int], settings: TrainSettings, host_modulation=None,
 ) -> Batch:
     """Pick each example's image and caption variant and its caption dropout with `generator`, pad the text, then
     draw sigma (per `settings`) and the noise from it, in that order.
 
     A dropped caption is Lens's unconditional input: no valid text token (zero features, mask all False), the same
     thing the sampler's classifier-free guidance feeds for an empty negative prompt. `text_shape` is (number of text
-    layers, feature width) of the transformer.
+    layers, feature width) of the transformer. With a `HostModulation` (model.modulation_device: cpu) the blocks'
+    modulation vectors for sigma are computed here, on the host, while the GPU is still busy with the last step.
     """
     latents, captions = [], []
     for example in examples:
@@ -107,6 +109,7 @@ def load_batch(
         grid=grid,
         sigma=to_device(sigma, device),
         noise=to_device(noise, device, dtype),
+        modulation=None if host_modulation is None else to_device(host_modulation.compute(sigma, dtype), device, dtype),
     )
 
 

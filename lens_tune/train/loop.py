@@ -22,6 +22,7 @@ from lens_tune.data.cache import FeatureCache, folder_fingerprint
 from lens_tune.data.prepare import PreparedData, prepare_training_data
 from lens_tune.errors import LensTuneError
 from lens_tune.faults import fault_point
+from lens_tune.model.host_modulation import HostModulation
 from lens_tune.model.sources import locate_model
 from lens_tune.recipe.lock import check_lock, locked, write_lock
 from lens_tune.recipe.schema import Recipe
@@ -91,6 +92,8 @@ def resolve_dtypes(recipe: Recipe, device: torch.device) -> tuple[torch.dtype, t
 
 
 def load_base(recipe: Recipe, model_root: Path, device: torch.device, dtype: torch.dtype):
+    """The frozen transformer on `device`, quantised and checkpointed as the recipe says, and its HostModulation when
+    model.modulation_device is cpu (else None)."""
     from lens_tune.model.transformer import LensTransformer2DModel
 
     if recipe.model.transformer_file:
@@ -102,10 +105,11 @@ def load_base(recipe: Recipe, model_root: Path, device: torch.device, dtype: tor
     transformer.requires_grad_(False)
     if recipe.model.quantization != "none":
         quantize_base(transformer, recipe.model.quantization)
+    host_modulation = HostModulation(transformer) if recipe.model.modulation_device == "cpu" else None
     transformer.to(device)
     if recipe.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    return transformer
+    return transformer, host_modulation
 
 
 def train(
@@ -158,7 +162,7 @@ def _train(recipe, runs_dir, resume, checkpoint, device, log, stop: StopRequest)
     step = 0
     try:
         # -- model, adapter, optimizer ------------------------------------------------------------------------------
-        transformer = load_base(recipe, model_root, device, weights_dtype)
+        transformer, host_modulation = load_base(recipe, model_root, device, weights_dtype)
         torch.manual_seed(settings.seed)  # the adapter's random initialisation (LoRA A) is part of the run's identity
         params = add_adapter(transformer, recipe.lora)
         if settings.compile_blocks:  # each block's module, so state-dict keys, adapters and checkpointing are unchanged
@@ -197,7 +201,7 @@ def _train(recipe, runs_dir, resume, checkpoint, device, log, stop: StopRequest)
 
         batches = Prefetcher(lambda index: load_batch(
             stream[index], cache, torch.Generator().manual_seed(micro_batch_seed(settings.seed, index)), device,
-            weights_dtype, text_shape, settings))
+            weights_dtype, text_shape, settings, host_modulation))
 
         def stop_requested() -> bool:  # every process must leave the loop at the same step
             if processes == 1:
@@ -251,6 +255,8 @@ def _train(recipe, runs_dir, resume, checkpoint, device, log, stop: StopRequest)
                 index = micro_batch_index(attempts, micro)
                 torch.manual_seed(micro_batch_seed(settings.seed, index) + 1)  # adapter dropout
                 batch = batches.get(index)
+                if host_modulation is not None:
+                    host_modulation.supply(batch.modulation)
                 sync = micro == accumulation - 1
                 with (nullcontext() if sync else accelerator.no_sync(model)), torch.autocast(
                     device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
