@@ -110,7 +110,7 @@ def environment(device: torch.device, peak: float | None) -> dict:
 def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, base: str,
                       modulation_on_host: bool = False):
     """The transformer with random weights, built on the device directly (no float32 detour), quantised and with
-    its modulation on the host like lens_tune.train.loop.load_base does; (model, HostModulation or None)."""
+    its modulation on the host like lens_tune.train.base.load_base does; (model, HostModulation or None)."""
     from lens_tune.model.host_modulation import HostModulation
     from lens_tune.model.loading import build_on_meta
     from lens_tune.model.transformer import LensTransformer2DModel

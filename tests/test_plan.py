@@ -102,11 +102,12 @@ def test_an_8_gib_card_fits_training_and_validation_and_a_5_gib_card_is_told_wha
         assert main(["plan", str(RECIPES / "dreambooth-8gb.yaml"), *args]) == 0
         out = capsys.readouterr().out
         table = {name: next(line.split() for line in out.splitlines() if line.startswith(f"  {name} "))
-                 for name in ("training step", "validation", "text features")}
+                 for name in ("training step", "validation", "text features", "class images")}
         return table, out
 
     table, out = rows("--vram", "8GiB")
     assert table["training step"][4] == "yes" and table["validation"][3] == "yes"
+    assert table["class images"][4] == "yes" and "the run's base (nf4) and the VAE on the GPU" in out
     assert table["text features"][4] == "yes" and "streamed" in out  # GPT-OSS streamed through the GPU fits 8 GiB too
     # without the modulation on the host, the validation samples do not fit, and the plan says what would
     table, out = rows("--vram", "8GiB", "model.modulation_device=gpu")

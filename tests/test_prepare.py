@@ -216,6 +216,32 @@ def test_class_images_are_what_the_pipeline_draws_from_the_prompt(workspace):
     assert len(made) == 2 and all(any(np.array_equal(m, e) for m in made) for e in expected)
 
 
+def test_class_images_are_drawn_by_the_run_s_own_reduced_base(workspace, monkeypatch):
+    """A quantised base, or one with its modulation in host memory, draws the class images itself (loaded as the
+    trainer loads it, lens_tune.train.base.load_base): with the modulation on the host the same pictures as the
+    plain base; quantised, other pictures under other cache keys."""
+    import numpy as np
+    from PIL import Image
+
+    import lens_tune.train.base as base
+
+    loaded = []
+    monkeypatch.setattr(base, "load_base", lambda *a, real=base.load_base: loaded.append(a[0].model) or real(*a))
+    common = ["dreambooth.class_prompt=a photo of a toy robot", "dreambooth.prior_preservation=true",
+              "dreambooth.num_class_images=2", "dreambooth.class_image_steps=2"]
+
+    def pictures(cache: str, *overrides: str) -> dict[str, np.ndarray]:
+        prepare(recipe_of(workspace, *common, f"cache.dir={workspace / cache}", *overrides))
+        return {p.name: np.asarray(Image.open(p), dtype=np.int16) for p in (workspace / cache / "class_images").glob("*.png")}
+
+    plain = pictures("plain")
+    hosted = pictures("hosted", "model.modulation_device=cpu")
+    assert len(plain) == 2 and hosted.keys() == plain.keys() and all(np.abs(hosted[k] - plain[k]).max() <= 2 for k in plain)
+    quantised = pictures("quantised", "model.quantization=int8")
+    assert len(quantised) == 2 and not quantised.keys() & plain.keys()
+    assert [(m.quantization, m.modulation_device) for m in loaded] == [("none", "gpu"), ("none", "cpu"), ("int8", "gpu")]
+
+
 def test_lock_file_round_trip_and_data_check(workspace):
     recipe = recipe_of(workspace)
     prepared = prepare(recipe)

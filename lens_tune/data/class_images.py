@@ -48,6 +48,8 @@ def generate_class_images(recipe: Recipe, cache_root: Path, device: torch.device
         transformer=folder_fingerprint(model_root / "transformer"), vae=folder_fingerprint(model_root / "vae"),
         prompt=db.class_prompt, size=settings["size"], steps=settings["steps"], guidance=settings["guidance"],
     )
+    if db.class_image_model is None and recipe.model.quantization != "none":
+        identity["quantization"] = recipe.model.quantization  # a quantised base draws other pictures
     folder = cache_root / "class_images"
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{content_key(kind='class_image', seed=db.class_image_seed + i, **identity)}.png" for i in range(missing)]
@@ -57,16 +59,22 @@ def generate_class_images(recipe: Recipe, cache_root: Path, device: torch.device
     if todo:
         from lens_tune.model.pipeline import LensPipeline
         from lens_tune.model.text_encoder import DEFAULT_MAX_SEQUENCE_LENGTH
+        from lens_tune.train.base import base_is_reduced, load_base
 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         # One prompt: encoded once with GPT-OSS placed as for caption caching (model.text_encoder_device), so the
         # pipeline runs without its largest component.
         [(_, features, mask)] = encode_captions(model_root, recipe, device, dtype, [db.class_prompt],
                                                 DEFAULT_MAX_SEQUENCE_LENGTH)
-        pipe = LensPipeline.from_pretrained(model_root, torch_dtype=dtype, device="cpu" if device.type == "cuda" else device,
-                                            text_encoder=None, tokenizer=None)
-        if device.type == "cuda":
-            pipe.enable_model_cpu_offload(device=device)  # transformer and VAE take turns on the GPU
+        # The run's own base draws them, loaded as the trainer loads it. Quantised or with its modulation in host
+        # memory it stays on the GPU with the VAE; a plain bf16 base takes turns with the VAE (model CPU offload).
+        reduced = db.class_image_model is None and base_is_reduced(recipe)
+        where = device if reduced or device.type != "cuda" else torch.device("cpu")
+        components = {"transformer": load_base(recipe, model_root, where, dtype)[0]} if db.class_image_model is None else {}
+        pipe = LensPipeline.from_pretrained(model_root, torch_dtype=dtype, device=where, text_encoder=None, tokenizer=None,
+                                            **components)
+        if where != device:
+            pipe.enable_model_cpu_offload(device=device)
         pipe.set_progress_bar_config(disable=True)
         for i, path in tqdm(todo, desc="class images", unit="image"):
             image = pipe(

@@ -185,18 +185,27 @@ def make_plan(recipe: Recipe, device: str = "cuda", text_tokens: int = DEFAULT_T
         what = f"{mb(te_weights)} + one caption"
     phases.append(Phase("text features", te_peak, f"GPT-OSS {kind}{dequantised} {what}",
                         "while captions are not cached", False))
-    # -- class images: the pipeline, components taking turns on the GPU (model CPU offload) -------------------------
+    # -- class images: the run's base with the VAE, or components taking turns on the GPU (model CPU offload) --------
     if recipe.dreambooth.prior_preservation:
         from lens_tune.data.class_images import class_image_settings
+        from lens_tune.train.base import base_is_reduced
 
         size = class_image_settings(recipe)["size"]
         tokens = (size // 16) ** 2
+        sampling = components.sampling_forward_bytes(arch, 2, tokens, text_tokens, weights, False)
+        decode = vae_weights + components.vae_decode_bytes(configs.vae, size * size)
         parts = {
             "text encoder": te_peak,  # the class prompt, encoded once with GPT-OSS placed as for the captions
-            "transformer": arch.params * weights + components.sampling_forward_bytes(arch, 2, tokens, text_tokens, weights, False),
-            "VAE": vae_weights + components.vae_decode_bytes(configs.vae, size * size),
+            "transformer": arch.params * weights + sampling,
+            "VAE": decode,
         }
-        if gpu:
+        if gpu and recipe.dreambooth.class_image_model is None and base_is_reduced(recipe):
+            # the run's quantised / host-modulation base stays on the GPU with the VAE
+            resident = step.weights + vae_weights
+            peak = max(te_peak, resident + max(sampling, decode - vae_weights))
+            base = recipe.model.quantization if recipe.model.quantization != "none" else "modulation on the host"
+            detail = f"the run's base ({base}) and the VAE on the GPU, {size}x{size}"
+        elif gpu:
             part = max(parts, key=parts.get)
             peak, detail = parts[part], f"{part} on the GPU (model CPU offload), {size}x{size}"
         else:

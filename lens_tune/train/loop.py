@@ -22,7 +22,6 @@ from lens_tune.data.cache import FeatureCache, folder_fingerprint
 from lens_tune.data.prepare import PreparedData, prepare_training_data
 from lens_tune.errors import LensTuneError
 from lens_tune.faults import fault_point
-from lens_tune.model.host_modulation import HostModulation
 from lens_tune.model.sources import locate_model
 from lens_tune.recipe.lock import check_lock, locked, write_lock
 from lens_tune.recipe.schema import Recipe
@@ -30,10 +29,10 @@ from lens_tune.train.adapters import (
     add_adapter,
     adapter_state_dict,
     check_adapter_settings,
-    quantize_base,
     save_adapter,
     set_adapter_state_dict,
 )
+from lens_tune.train.base import load_base
 from lens_tune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lens_tune.train.data import MicroBatchStream, Prefetcher, load_batch, micro_batch_seed
 from lens_tune.train.objective import flow_matching_loss
@@ -91,27 +90,6 @@ def resolve_dtypes(recipe: Recipe, device: torch.device) -> tuple[torch.dtype, t
     return weights, (torch.bfloat16 if autocast else None)
 
 
-def load_base(recipe: Recipe, model_root: Path, device: torch.device, dtype: torch.dtype):
-    """The frozen transformer on `device`, quantised and checkpointed as the recipe says, and its HostModulation when
-    model.modulation_device is cpu (else None)."""
-    from lens_tune.model.transformer import LensTransformer2DModel
-
-    if recipe.model.transformer_file:
-        transformer = LensTransformer2DModel.from_single_file(
-            recipe.model.transformer_file, config=model_root / "transformer", torch_dtype=dtype
-        )
-    else:
-        transformer = LensTransformer2DModel.from_pretrained(model_root / "transformer", torch_dtype=dtype)
-    transformer.requires_grad_(False)
-    if recipe.model.quantization != "none":
-        quantize_base(transformer, recipe.model.quantization)
-    host_modulation = HostModulation(transformer) if recipe.model.modulation_device == "cpu" else None
-    transformer.to(device)
-    if recipe.train.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    return transformer, host_modulation
-
-
 def train(
     recipe: Recipe, runs_dir: Path | None = None, resume: Path | None = None, checkpoint: Path | None = None,
     device: torch.device | None = None, log=print,
@@ -163,6 +141,8 @@ def _train(recipe, runs_dir, resume, checkpoint, device, log, stop: StopRequest)
     try:
         # -- model, adapter, optimizer ------------------------------------------------------------------------------
         transformer, host_modulation = load_base(recipe, model_root, device, weights_dtype)
+        if settings.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
         torch.manual_seed(settings.seed)  # the adapter's random initialisation (LoRA A) is part of the run's identity
         params = add_adapter(transformer, recipe.lora)
         if settings.compile_blocks:  # each block's module, so state-dict keys, adapters and checkpointing are unchanged
