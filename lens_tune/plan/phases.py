@@ -220,6 +220,8 @@ def make_plan(recipe: Recipe, device: str = "cuda", text_tokens: int = DEFAULT_T
     resident_vae = vae_weights if samples else 0  # the validation sampler keeps its VAE on the device afterwards
     detail = (f"{bucket[0]}x{bucket[1]}, batch {setup.batch}, {setup.image_tokens} image + {text_tokens} text tokens; "
               f"peak at {step.moment}")
+    if setup.modulation_on_host:
+        detail += f"; modulation in host memory ({mb(arch.modulation_params * 4)}, float32)"
     phases.append(Phase("training step", step.peak + resident_vae, detail, "every step", True))
     # -- validation samples: the training transformer (adapter on), guidance batch of 2, then the VAE decode ----------
     if samples:
