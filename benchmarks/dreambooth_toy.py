@@ -79,30 +79,33 @@ def draw(pipe, prompts: list[str], seeds: int, steps: int, guidance: float):
     return pixels(images)
 
 
+def measure(evaluator, subject, real_embeddings: torch.Tensor, images: torch.Tensor, asked: list[dict]) -> dict:
+    """Pictures against the subject: mean similarity to its instance pictures, the share showing its look, and the
+    accuracy of what each picture was asked for (`asked`, one dict per picture), overall and per label."""
+    from lens_tune.toy.evaluator import accuracy
+
+    predicted = evaluator.predict(images)
+    similarity = (evaluator.embed(images) @ real_embeddings.T).mean(dim=1)
+    shows_look = [all(p[k] == v for k, v in subject.look_labels.items()) for p in predicted]
+    hits = [p[k] == v for p, w in zip(predicted, asked) for k, v in w.items()]
+    return {
+        "similarity_to_subject": round(float(similarity.mean()), 4),
+        "shows_subject_look": round(float(np.mean(shows_look)), 4),
+        "accuracy": round(float(np.mean(hits)), 4),
+        "accuracy_per_label": {k: round(v, 4) for k, v in accuracy(predicted, asked).items()},
+    }
+
+
 def score(pipe, evaluator, subject, real: torch.Tensor, seeds: int, steps: int, guidance: float) -> tuple[dict, torch.Tensor]:
     """Subject fidelity, prompt fidelity and class-prompt accuracy of one model (base, or base + adapter), and its
     seed-0 picture of every subject prompt, then every class prompt."""
-    from lens_tune.toy.evaluator import accuracy
-
-    look = subject.look_labels
     real_embeddings = evaluator.embed(real)
     results, first_seed = {}, []
     for kind, pairs in (("subject", subject.subject_prompts(subject.trigger)), ("class", subject.class_prompts())):
         prompts, wanted = zip(*pairs)
         images = draw(pipe, list(prompts), seeds, steps, guidance)
         first_seed.append(images[::seeds])
-        predicted = evaluator.predict(images)
-        similarity = (evaluator.embed(images) @ real_embeddings.T).mean(dim=1)
-        shows_look = [all(p[k] == v for k, v in look.items()) for p in predicted]
-        asked = [w for w in wanted for _ in range(seeds)]
-        per_label = accuracy(predicted, asked)
-        hits = [p[k] == v for p, w in zip(predicted, asked) for k, v in w.items()]
-        results[kind] = {
-            "similarity_to_subject": round(float(similarity.mean()), 4),
-            "shows_subject_look": round(float(np.mean(shows_look)), 4),
-            "accuracy": round(float(np.mean(hits)), 4),
-            "accuracy_per_label": {k: round(v, 4) for k, v in per_label.items()},
-        }
+        results[kind] = measure(evaluator, subject, real_embeddings, images, [w for w in wanted for _ in range(seeds)])
     metrics = {
         "subject_fidelity": results["subject"]["similarity_to_subject"],
         "subject_look": results["subject"]["shows_subject_look"],
@@ -114,6 +117,22 @@ def score(pipe, evaluator, subject, real: torch.Tensor, seeds: int, steps: int, 
         "class_shows_subject_look": results["class"]["shows_subject_look"],
     }
     return metrics, torch.cat(first_seed)
+
+
+def ceiling(evaluator, subject, real: torch.Tensor, seeds: int) -> dict:
+    """The same subject metrics for real pictures of the subject in the settings the subject prompts ask for (large,
+    as in its instance pictures; other settings than theirs): what a perfect fine-tune would score, the role of the
+    DreamBooth paper's "real images" row."""
+    from lens_tune.toy import world
+    from lens_tune.toy.evaluator import pixels
+
+    pairs = subject.subject_prompts(subject.trigger)
+    scenes = [world.moved(subject.look, 0, subject.first_index + 1000 + i * seeds + s, size="large", **wanted)
+              for i, (_, wanted) in enumerate(pairs) for s in range(seeds)]
+    result = measure(evaluator, subject, evaluator.embed(real), pixels([world.render(sc) for sc in scenes]),
+                     [w for _, w in pairs for _ in range(seeds)])
+    return {"subject_fidelity": result["similarity_to_subject"], "subject_look": result["shows_subject_look"],
+            "prompt_fidelity": result["accuracy"]}
 
 
 def benchmark(config: dict, work: Path, model: str = "toy", evaluator: Path | None = None,
@@ -137,7 +156,9 @@ def benchmark(config: dict, work: Path, model: str = "toy", evaluator: Path | No
         real = pixels(sorted_images(EXAMPLES / subject.folder))
         base, base_pictures = score(pipe, evaluator, subject, real, config["seeds"], steps, guidance)
         log(f"{name}: base {base}")
-        entry, rows = {"base": base}, [base_pictures]
+        reference = ceiling(evaluator, subject, real, config["seeds"])
+        log(f"{name}: real pictures of the subject in the prompts' settings {reference}")
+        entry, rows = {"base": base, "real": reference}, [base_pictures]
         for prior in (False, True):
             run = train(subject, prior, work, config["steps"], model, list(overrides))
             pipe.load_lora_weights(run["run"] / "adapter", adapter_name="subject")
