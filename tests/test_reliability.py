@@ -4,7 +4,7 @@ Nothing here is mocked: runs are real `lens-tune run` processes, signals are rea
 for exact moments such as the middle of a checkpoint write, by the process to itself through LENS_TUNE_FAULT, see
 lens_tune/faults.py), files are real files. Full disks are in test_reliability_disk.py.
 
-LENS_TUNE_SOAK=1 raises the number of random kills from 20 to 100.
+LENS_TUNE_SOAK=1 raises the number of random kills from 12 to 100.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from lens_tune.train.checkpoint import latest_checkpoint, list_checkpoints, load
 from lens_tune.train.run_folder import read_events, read_status
 from tests.test_train import BASE, adapter_tensors, run_cli, step_losses, write_recipe
 
-KILLS = 100 if os.environ.get("LENS_TUNE_SOAK") else 20
+KILLS = 100 if os.environ.get("LENS_TUNE_SOAK") else 12
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 LONG = BASE + """
