@@ -31,9 +31,15 @@ class HostModulation:
             raise ValueError("model.modulation_device: cpu needs plain Linear modulation layers (no adapter or "
                              "quantisation on img_mod/txt_mod)")
         self.embedding = copy.deepcopy(transformer.time_text_embed).float().cpu()
-        # [2 * blocks, dim, 6 dim]: img_mod of block 0, txt_mod of block 0, img_mod of block 1, ...
-        self.weight = torch.stack([layer.weight.detach().float().t() for layer in layers]).cpu().contiguous()
-        self.bias = torch.stack([layer.bias.detach().float() for layer in layers]).cpu()[:, None]
+        # [2 * blocks, dim, 6 dim]: img_mod of block 0, txt_mod of block 0, img_mod of block 1, ... (filled layer by
+        # layer: a stack of float32 copies would need twice the 5.4 GB for a moment)
+        out_features, in_features = layers[0].weight.shape
+        self.weight = torch.empty(len(layers), in_features, out_features)
+        self.bias = torch.empty(len(layers), 1, out_features)
+        with torch.no_grad():
+            for index, layer in enumerate(layers):
+                self.weight[index].copy_(layer.weight.t())
+                self.bias[index, 0].copy_(layer.bias)
         self.current: torch.Tensor | None = None  # [2 * blocks, B, 6 dim] on the model's device, for this forward
         self.supplied: torch.Tensor | None = None
         for index, block in enumerate(blocks):
