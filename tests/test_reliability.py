@@ -4,7 +4,7 @@ Nothing here is mocked: runs are real `lens-tune run` processes, signals are rea
 for exact moments such as the middle of a checkpoint write, by the process to itself through LENS_TUNE_FAULT, see
 lens_tune/faults.py), files are real files. Full disks are in test_reliability_disk.py.
 
-LENS_TUNE_SOAK=1 raises the number of random kills from 12 to 100.
+LENS_TUNE_SOAK=1 raises the number of random kills from 12 to 100, and sends both signals in every phase.
 """
 
 from __future__ import annotations
@@ -26,7 +26,17 @@ from lens_tune.train.checkpoint import latest_checkpoint, list_checkpoints, load
 from lens_tune.train.run_folder import read_events, read_status
 from tests.test_train import BASE, adapter_tensors, run_cli, step_losses, write_recipe
 
-KILLS = 100 if os.environ.get("LENS_TUNE_SOAK") else 12
+SOAK = bool(os.environ.get("LENS_TUNE_SOAK"))
+KILLS = 100 if SOAK else 12
+
+
+def signal_cases(phases: dict[str, str]) -> list:
+    """(phase, signal) cases, named by `phases` (name -> fault point): every phase with SIGINT or SIGTERM in turn, so
+    each phase and each signal is sent (both go through one handler, lens_tune.train.loop.StopRequest); every pair
+    under LENS_TUNE_SOAK=1."""
+    pairs = [(n, s) for n in phases for s in ("sigint", "sigterm")] if SOAK else [
+        (n, ("sigint", "sigterm")[i % 2]) for i, n in enumerate(phases)]
+    return [pytest.param(phases[n], s, id=f"{n}-{s}") for n, s in pairs]
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 LONG = BASE + """
@@ -146,9 +156,8 @@ checkpoint: {every: 100}
 assert "prior_preservation: true" in SIGNALS and "every: 2, steps: 2" in SIGNALS
 
 
-@pytest.mark.parametrize("sig", ["sigint", "sigterm"])
-@pytest.mark.parametrize("phase", ["caching", "class-images"])
-def test_signal_while_preparing_data_keeps_what_was_done(tmp_path, sig, phase):
+@pytest.mark.parametrize("phase, sig", signal_cases({"caching": "caching", "class-images": "class-images"}))
+def test_signal_while_preparing_data_keeps_what_was_done(tmp_path, phase, sig):
     path = write_recipe(tmp_path, SIGNALS)
     out = run_cli(path, env_extra={"LENS_TUNE_FAULT": f"{sig}@{phase}=2"})
     assert out.returncode == 130, out.stdout[-3000:] + out.stderr[-3000:]
@@ -167,9 +176,8 @@ def test_signal_while_preparing_data_keeps_what_was_done(tmp_path, sig, phase):
         assert "reused" in again.stdout
 
 
-@pytest.mark.parametrize("sig", ["sigint", "sigterm"])
-@pytest.mark.parametrize("phase", ["micro=3", "sampling=1"], ids=["training", "sampling"])
-def test_signal_while_training_or_sampling_checkpoints_and_resumes(tmp_path, sig, phase):
+@pytest.mark.parametrize("phase, sig", signal_cases({"training": "micro=3", "sampling": "sampling=1"}))
+def test_signal_while_training_or_sampling_checkpoints_and_resumes(tmp_path, phase, sig):
     path = write_recipe(tmp_path, SIGNALS)
     out = run_cli(path, env_extra={"LENS_TUNE_FAULT": f"{sig}@{phase}"})
     assert out.returncode == 130, out.stdout[-3000:] + out.stderr[-3000:]
