@@ -35,6 +35,13 @@ def class_image_settings(recipe: Recipe) -> dict:
     )
 
 
+def drawn_by_the_run_s_reduced_base(recipe: Recipe) -> bool:
+    """Whether the class images come from the run's own base made small on the GPU (quantised, or modulation on the
+    host), which then stays there with the VAE; otherwise a plain base takes turns with the VAE (model CPU offload)."""
+    reduced = recipe.model.quantization != "none" or recipe.model.modulation_device == "cpu"
+    return recipe.dreambooth.class_image_model is None and reduced
+
+
 def generate_class_images(recipe: Recipe, cache_root: Path, device: torch.device, log: Callable[[str], None]) -> list[ImageItem]:
     """The class images for the run: those in dreambooth.class_images_folder first, then generated ones."""
     db = recipe.dreambooth
@@ -59,7 +66,7 @@ def generate_class_images(recipe: Recipe, cache_root: Path, device: torch.device
     if todo:
         from lens_tune.model.pipeline import LensPipeline
         from lens_tune.model.text_encoder import DEFAULT_MAX_SEQUENCE_LENGTH
-        from lens_tune.train.base import base_is_reduced, load_base
+        from lens_tune.train.base import load_base
 
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         # One prompt: encoded once with GPT-OSS placed as for caption caching (model.text_encoder_device), so the
@@ -68,8 +75,7 @@ def generate_class_images(recipe: Recipe, cache_root: Path, device: torch.device
                                                 DEFAULT_MAX_SEQUENCE_LENGTH)
         # The run's own base draws them, loaded as the trainer loads it. Quantised or with its modulation in host
         # memory it stays on the GPU with the VAE; a plain bf16 base takes turns with the VAE (model CPU offload).
-        reduced = db.class_image_model is None and base_is_reduced(recipe)
-        where = device if reduced or device.type != "cuda" else torch.device("cpu")
+        where = device if drawn_by_the_run_s_reduced_base(recipe) or device.type != "cuda" else torch.device("cpu")
         components = {"transformer": load_base(recipe, model_root, where, dtype)[0]} if db.class_image_model is None else {}
         pipe = LensPipeline.from_pretrained(model_root, torch_dtype=dtype, device=where, text_encoder=None, tokenizer=None,
                                             **components)

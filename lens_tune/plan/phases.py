@@ -187,8 +187,7 @@ def make_plan(recipe: Recipe, device: str = "cuda", text_tokens: int = DEFAULT_T
                         "while captions are not cached", False))
     # -- class images: the run's base with the VAE, or components taking turns on the GPU (model CPU offload) --------
     if recipe.dreambooth.prior_preservation:
-        from lens_tune.data.class_images import class_image_settings
-        from lens_tune.train.base import base_is_reduced
+        from lens_tune.data.class_images import class_image_settings, drawn_by_the_run_s_reduced_base
 
         size = class_image_settings(recipe)["size"]
         tokens = (size // 16) ** 2
@@ -199,7 +198,7 @@ def make_plan(recipe: Recipe, device: str = "cuda", text_tokens: int = DEFAULT_T
             "transformer": arch.params * weights + sampling,
             "VAE": decode,
         }
-        if gpu and recipe.dreambooth.class_image_model is None and base_is_reduced(recipe):
+        if gpu and drawn_by_the_run_s_reduced_base(recipe):
             # the run's quantised / host-modulation base stays on the GPU with the VAE
             resident = step.weights + vae_weights
             peak = max(te_peak, resident + max(sampling, decode - vae_weights))

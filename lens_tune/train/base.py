@@ -30,8 +30,3 @@ def load_base(recipe: Recipe, model_root: Path, device: torch.device, dtype: tor
     transformer.to(device)
     return transformer, host_modulation
 
-
-def base_is_reduced(recipe: Recipe) -> bool:
-    """Whether the base differs from the source's plain transformer on the GPU (quantised, or modulation on the
-    host): class images are then drawn by this base too, rather than by the plain one."""
-    return recipe.model.quantization != "none" or recipe.model.modulation_device == "cpu"
