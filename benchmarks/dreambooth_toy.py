@@ -119,20 +119,24 @@ def score(pipe, evaluator, subject, real: torch.Tensor, seeds: int, steps: int, 
     return metrics, torch.cat(first_seed)
 
 
-def ceiling(evaluator, subject, real: torch.Tensor, seeds: int) -> dict:
+def ceiling(evaluator, subject, real: torch.Tensor, seeds: int, vae) -> tuple[dict, dict]:
     """The same subject metrics for real pictures of the subject in the settings the subject prompts ask for (large,
     as in its instance pictures; other settings than theirs): what a perfect fine-tune would score, the role of the
-    DreamBooth paper's "real images" row."""
+    DreamBooth paper's "real images" row. Then the same pictures encoded and decoded by the model's VAE: every
+    generated picture comes out of that decoder, so this is as far as a fine-tune of the transformer can get."""
     from lens_tune.toy import world
     from lens_tune.toy.evaluator import pixels
 
     pairs = subject.subject_prompts(subject.trigger)
     scenes = [world.moved(subject.look, 0, subject.first_index + 1000 + i * seeds + s, size="large", **wanted)
               for i, (_, wanted) in enumerate(pairs) for s in range(seeds)]
-    result = measure(evaluator, subject, evaluator.embed(real), pixels([world.render(sc) for sc in scenes]),
-                     [w for _, w in pairs for _ in range(seeds)])
-    return {"subject_fidelity": result["similarity_to_subject"], "subject_look": result["shows_subject_look"],
-            "prompt_fidelity": result["accuracy"]}
+    drawn = pixels([world.render(sc) for sc in scenes])
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(drawn).latent_dist.mode()).sample.clamp(-1, 1)
+    asked = [w for _, w in pairs for _ in range(seeds)]
+    results = [measure(evaluator, subject, evaluator.embed(real), images, asked) for images in (drawn, decoded)]
+    return tuple({"subject_fidelity": r["similarity_to_subject"], "subject_look": r["shows_subject_look"],
+                  "prompt_fidelity": r["accuracy"]} for r in results)
 
 
 def benchmark(config: dict, work: Path, model: str = "toy", evaluator: Path | None = None,
@@ -156,9 +160,9 @@ def benchmark(config: dict, work: Path, model: str = "toy", evaluator: Path | No
         real = pixels(sorted_images(EXAMPLES / subject.folder))
         base, base_pictures = score(pipe, evaluator, subject, real, config["seeds"], steps, guidance)
         log(f"{name}: base {base}")
-        reference = ceiling(evaluator, subject, real, config["seeds"])
-        log(f"{name}: real pictures of the subject in the prompts' settings {reference}")
-        entry, rows = {"base": base, "real": reference}, [base_pictures]
+        drawn, decoded = ceiling(evaluator, subject, real, config["seeds"], pipe.vae)
+        log(f"{name}: real pictures of the subject in the prompts' settings {drawn}; through the VAE {decoded}")
+        entry, rows = {"base": base, "real": drawn, "real_through_vae": decoded}, [base_pictures]
         for prior in (False, True):
             run = train(subject, prior, work, config["steps"], model, list(overrides))
             pipe.load_lora_weights(run["run"] / "adapter", adapter_name="subject")
