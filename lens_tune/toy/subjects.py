@@ -7,8 +7,8 @@
     python -m lens_tune.toy.subjects examples     # writes examples/toy-subject/ and examples/toy-shape/
 
 Each instance picture is the subject, large, in a different setting (position, background, pattern), with a caption
-in the world's words and the `[trigger]` placeholder: "a large [trigger] star on a striped gray background, top
-left". The prompt sets follow the DreamBooth paper's evaluation: subject prompts (does the subject appear, in the
+in the world's words and the `[trigger]` placeholder: "a [trigger] star on a striped gray background, top left".
+The prompt sets follow the DreamBooth paper's evaluation: subject prompts (does the subject appear, in the
 setting the prompt asks for) and class prompts (does the class keep its own look: prior preservation).
 """
 
@@ -49,7 +49,10 @@ class Subject:
                 for i in range(count)]
 
     def caption(self, s: world.Scene, trigger: str = "[trigger]") -> str:
-        return world.caption(s, {"shape": self.noun != "shape"}, subject=trigger)
+        """What changes from picture to picture (background, position), not what the subject always is: its size,
+        like its look, is then learnt as part of the trigger word (`benchmarks/RESULTS.md`: captions that said
+        "large" left short prompts drawing it small and blurred)."""
+        return world.caption(s, {"shape": self.noun != "shape", "size": False}, subject=trigger)
 
     # ------------------------------------------------------------------------------------------------------------
     def subject_prompts(self, trigger: str) -> list[tuple[str, dict[str, str]]]:
