@@ -49,9 +49,9 @@ class Subject:
                 for i in range(count)]
 
     def caption(self, s: world.Scene, trigger: str = "[trigger]") -> str:
-        """What changes from picture to picture (background, position), not what the subject always is: its size,
-        like its look, is then learnt as part of the trigger word (`benchmarks/RESULTS.md`: captions that said
-        "large" left short prompts drawing it small and blurred)."""
+        """What changes from picture to picture (background, position), not what every instance picture shares (its
+        size, its look): captions without "large" gave higher subject fidelity and look on the DreamBooth benchmark
+        (`benchmarks/RESULTS.md`, "Instance captions")."""
         return world.caption(s, {"shape": self.noun != "shape", "size": False}, subject=trigger)
 
     # ------------------------------------------------------------------------------------------------------------
