@@ -96,10 +96,10 @@ def measure(evaluator, subject, real_embeddings: torch.Tensor, images: torch.Ten
     }
 
 
-def score(pipe, evaluator, subject, real: torch.Tensor, seeds: int, steps: int, guidance: float) -> tuple[dict, torch.Tensor]:
+def score(pipe, evaluator, subject, real_embeddings: torch.Tensor, seeds: int, steps: int,
+          guidance: float) -> tuple[dict, torch.Tensor]:
     """Subject fidelity, prompt fidelity and class-prompt accuracy of one model (base, or base + adapter), and its
     seed-0 picture of every subject prompt, then every class prompt."""
-    real_embeddings = evaluator.embed(real)
     results, first_seed = {}, []
     for kind, pairs in (("subject", subject.subject_prompts(subject.trigger)), ("class", subject.class_prompts())):
         prompts, wanted = zip(*pairs)
@@ -119,7 +119,7 @@ def score(pipe, evaluator, subject, real: torch.Tensor, seeds: int, steps: int, 
     return metrics, torch.cat(first_seed)
 
 
-def ceiling(evaluator, subject, real: torch.Tensor, seeds: int, vae) -> tuple[dict, dict]:
+def ceiling(evaluator, subject, real_embeddings: torch.Tensor, seeds: int, vae) -> tuple[dict, dict]:
     """The same subject metrics for real pictures of the subject in the settings the subject prompts ask for (large,
     as in its instance pictures; other settings than theirs): what a perfect fine-tune would score, the role of the
     DreamBooth paper's "real images" row. Then the same pictures encoded and decoded by the model's VAE: every
@@ -134,7 +134,7 @@ def ceiling(evaluator, subject, real: torch.Tensor, seeds: int, vae) -> tuple[di
     with torch.no_grad():
         decoded = vae.decode(vae.encode(drawn).latent_dist.mode()).sample.clamp(-1, 1)
     asked = [w for _, w in pairs for _ in range(seeds)]
-    results = [measure(evaluator, subject, evaluator.embed(real), images, asked) for images in (drawn, decoded)]
+    results = [measure(evaluator, subject, real_embeddings, images, asked) for images in (drawn, decoded)]
     return tuple({"subject_fidelity": r["similarity_to_subject"], "subject_look": r["shows_subject_look"],
                   "prompt_fidelity": r["accuracy"]} for r in results)
 
@@ -157,7 +157,7 @@ def benchmark(config: dict, work: Path, model: str = "toy", evaluator: Path | No
     report = {"subjects": {}}
     for name in config["subjects"]:
         subject = SUBJECTS[name]
-        real = pixels(sorted_images(EXAMPLES / subject.folder))
+        real = evaluator.embed(pixels(sorted_images(EXAMPLES / subject.folder)))  # the instance pictures, embedded once
         base, base_pictures = score(pipe, evaluator, subject, real, config["seeds"], steps, guidance)
         log(f"{name}: base {base}")
         drawn, decoded = ceiling(evaluator, subject, real, config["seeds"], pipe.vae)

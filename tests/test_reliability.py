@@ -37,6 +37,8 @@ def signal_cases(phases: dict[str, str]) -> list:
     pairs = [(n, s) for n in phases for s in ("sigint", "sigterm")] if SOAK else [
         (n, ("sigint", "sigterm")[i % 2]) for i, n in enumerate(phases)]
     return [pytest.param(phases[n], s, id=f"{n}-{s}") for n, s in pairs]
+
+
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 LONG = BASE + """

@@ -73,8 +73,7 @@ def generate_class_images(recipe: Recipe, cache_root: Path, device: torch.device
         # pipeline runs without its largest component.
         [(_, features, mask)] = encode_captions(model_root, recipe, device, dtype, [db.class_prompt],
                                                 DEFAULT_MAX_SEQUENCE_LENGTH)
-        # The run's own base draws them, loaded as the trainer loads it. Quantised or with its modulation in host
-        # memory it stays on the GPU with the VAE; a plain bf16 base takes turns with the VAE (model CPU offload).
+        # The run's own base draws them, loaded as the trainer loads it; drawn_by_the_run_s_reduced_base says where.
         where = device if drawn_by_the_run_s_reduced_base(recipe) or device.type != "cuda" else torch.device("cpu")
         components = {"transformer": load_base(recipe, model_root, where, dtype)[0]} if db.class_image_model is None else {}
         pipe = LensPipeline.from_pretrained(model_root, torch_dtype=dtype, device=where, text_encoder=None, tokenizer=None,
